@@ -1,0 +1,303 @@
+//! The client side of a session, sans-IO: reassembles and applies snapshot parts against the baselines
+//! it holds, tracks what to acknowledge, estimates the server tick and stamps inputs. The client
+//! library in `bot-client` drives it from its sockets; tests drive it from memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::assembler::{Assembled, BaselineRing, SnapshotAssembler};
+use crate::delta::{apply_part, decode_part, ApplyError, DecodeError};
+use crate::input::{InputCmd, InputHistory};
+use crate::quant::PosQuant;
+use crate::snapshot::Snapshot;
+use crate::tick::Tick;
+use crate::wire::{InputDatagram, Welcome, WireError};
+
+/// Complete snapshots kept as possible baselines (the server's history is at most 255 ticks).
+pub const BASELINE_RING: usize = 256;
+
+/// Counters of a client session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCounters {
+    /// Complete snapshots assembled.
+    pub snapshots: u64,
+    /// Of which keyframes.
+    pub keyframes: u64,
+    /// Of which deltas.
+    pub deltas: u64,
+    /// Bytes of all complete snapshots (sum of their parts).
+    pub snapshot_bytes: u64,
+    /// Largest complete snapshot, bytes.
+    pub snapshot_bytes_max: u64,
+    /// Snapshot datagrams received.
+    pub parts: u64,
+    /// Datagrams that failed to decode or apply.
+    pub decode_errors: u64,
+    /// Parts whose baseline is not held (discarded, not acked).
+    pub missing_baseline: u64,
+    /// Parts for ticks not newer than the newest complete snapshot.
+    pub stale_parts: u64,
+    /// Parts received twice.
+    pub duplicate_parts: u64,
+    /// Input datagrams built.
+    pub input_datagrams: u64,
+    /// Distinct input ticks stamped.
+    pub inputs: u64,
+}
+
+/// Why a datagram from the server was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// Malformed snapshot part.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A part that cannot be applied to its baseline.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// An input datagram could not be encoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Server-tick estimator from snapshot arrivals. Keeps the estimate at the least-delayed arrivals
+/// (fast to move later, slow to move earlier), so jitter does not drag it back.
+#[derive(Debug, Clone)]
+pub struct TickClock {
+    /// Ticks per second.
+    rate: f64,
+    /// The tick all estimates are relative to.
+    anchor: Tick,
+    /// Estimated `server_tick - anchor - now·rate`, ticks.
+    offset: f64,
+}
+
+impl TickClock {
+    /// A clock that saw tick `tick` at time `now`.
+    #[must_use]
+    pub fn new(rate: u32, tick: Tick, now: Duration) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            anchor: tick,
+            offset: -now.as_secs_f64() * rate,
+        }
+    }
+
+    /// Takes in an observation: the server's tick `tick` was seen at `now`.
+    pub fn observe(&mut self, tick: Tick, now: Duration) {
+        let sample = f64::from(tick.diff(self.anchor)) - now.as_secs_f64() * self.rate;
+        let err = sample - self.offset;
+        if err.abs() > self.rate {
+            self.offset = sample; // more than a second off: resynchronise
+        } else if err > 0.0 {
+            self.offset += err * 0.25;
+        } else {
+            self.offset += err * 0.01;
+        }
+    }
+
+    /// Estimated server tick at `now` plus `lead` ticks, as a fractional tick count since the anchor.
+    #[must_use]
+    pub fn estimate(&self, now: Duration, lead: f64) -> f64 {
+        now.as_secs_f64() * self.rate + self.offset + lead
+    }
+
+    /// The tick to stamp an input with at `now`: far enough ahead to arrive before the server needs
+    /// it, given the round trip `rtt` and a safety `margin` in ticks.
+    #[must_use]
+    pub fn input_tick(&self, now: Duration, rtt: Duration, margin: f64) -> Tick {
+        let ahead = self
+            .estimate(now, rtt.as_secs_f64() * self.rate + margin)
+            .ceil();
+        self.anchor.add(ahead as i64 as u32)
+    }
+}
+
+/// The client session.
+#[derive(Debug)]
+pub struct ClientSession {
+    /// What the server told us on joining.
+    welcome: Welcome,
+    /// Position quantizer of the map.
+    quant: PosQuant,
+    /// Complete snapshots (possible baselines).
+    baselines: BaselineRing,
+    /// Incomplete split snapshots.
+    assembler: SnapshotAssembler,
+    /// Recent inputs for redundancy.
+    history: InputHistory,
+    /// Server tick estimate.
+    clock: TickClock,
+    /// Ticks of lead beyond the round trip when stamping inputs.
+    margin: f64,
+    /// Newest input tick the server reports having applied.
+    input_ack: Option<Tick>,
+    /// Counters.
+    pub counters: ClientCounters,
+}
+
+impl ClientSession {
+    /// A session after `welcome` arrived at `now`.
+    #[must_use]
+    pub fn new(welcome: Welcome, now: Duration) -> Self {
+        let quant = PosQuant::new(welcome.map_width, welcome.map_height);
+        let clock = TickClock::new(u32::from(welcome.tick_rate), welcome.server_tick, now);
+        let history = InputHistory::new(usize::from(welcome.input_redundancy));
+        Self {
+            welcome,
+            quant,
+            baselines: BaselineRing::new(BASELINE_RING),
+            assembler: SnapshotAssembler::new(),
+            history,
+            clock,
+            margin: 1.0,
+            input_ack: None,
+            counters: ClientCounters::default(),
+        }
+    }
+
+    /// The welcome this session started from.
+    #[must_use]
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The newest complete snapshot.
+    #[must_use]
+    pub fn latest(&self) -> Option<&Arc<Snapshot>> {
+        self.baselines.newest()
+    }
+
+    /// The tick to acknowledge: the newest complete snapshot held.
+    #[must_use]
+    pub fn snapshot_ack(&self) -> Option<Tick> {
+        self.baselines.newest().map(|s| s.tick)
+    }
+
+    /// Newest input tick the server has applied for us, from the latest snapshot header.
+    #[must_use]
+    pub fn input_ack(&self) -> Option<Tick> {
+        self.input_ack
+    }
+
+    /// Sets the lead margin in ticks added on top of the round trip (default 1).
+    pub fn set_margin(&mut self, ticks: f64) {
+        self.margin = ticks.clamp(0.0, 64.0);
+    }
+
+    /// Handles one snapshot datagram received at `now`. Returns the snapshot it completed, if any.
+    pub fn handle_datagram(
+        &mut self,
+        bytes: &[u8],
+        now: Duration,
+    ) -> Result<Option<Arc<Snapshot>>, ClientError> {
+        self.counters.parts += 1;
+        let part = match decode_part(bytes, &self.quant) {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters.decode_errors += 1;
+                return Err(e.into());
+            }
+        };
+        let h = part.header;
+        if self
+            .baselines
+            .newest()
+            .is_some_and(|n| !h.tick.is_after(n.tick))
+        {
+            self.counters.stale_parts += 1;
+            return Ok(None);
+        }
+        let baseline = match h.baseline {
+            None => None,
+            Some(t) => match self.baselines.get(t) {
+                Some(b) => Some(b.clone()),
+                None => {
+                    self.counters.missing_baseline += 1;
+                    return Ok(None);
+                }
+            },
+        };
+        let entities = match apply_part(baseline.as_deref(), &part, &self.quant) {
+            Ok(e) => e,
+            Err(e) => {
+                self.counters.decode_errors += 1;
+                return Err(e.into());
+            }
+        };
+        match self.assembler.insert(
+            h.tick,
+            h.baseline,
+            h.range_start,
+            h.range_end,
+            entities,
+            bytes.len(),
+        ) {
+            Assembled::Complete(snap, size) => {
+                let snap = Arc::new(snap);
+                self.baselines.push(snap.clone());
+                self.assembler.discard_through(h.tick);
+                self.clock.observe(h.tick, now);
+                if let Some(a) = h.input_ack {
+                    if self.input_ack.is_none_or(|old| a.is_after(old)) {
+                        self.input_ack = Some(a);
+                    }
+                }
+                let c = &mut self.counters;
+                c.snapshots += 1;
+                if h.baseline.is_none() {
+                    c.keyframes += 1;
+                } else {
+                    c.deltas += 1;
+                }
+                c.snapshot_bytes += size as u64;
+                c.snapshot_bytes_max = c.snapshot_bytes_max.max(size as u64);
+                Ok(Some(snap))
+            }
+            Assembled::Duplicate => {
+                self.counters.duplicate_parts += 1;
+                Ok(None)
+            }
+            Assembled::Incomplete | Assembled::Inconsistent => Ok(None),
+        }
+    }
+
+    /// The tick an input made at `now` should be stamped with.
+    #[must_use]
+    pub fn input_tick(&self, now: Duration, rtt: Duration) -> Tick {
+        self.clock.input_tick(now, rtt, self.margin)
+    }
+
+    /// Records `input` (movement/aim/buttons; its tick is ignored) for every tick up to the one due at
+    /// `now`, and returns the input datagram to send: the last few inputs plus the snapshot ack.
+    pub fn build_input(
+        &mut self,
+        now: Duration,
+        rtt: Duration,
+        input: InputCmd,
+    ) -> Result<Vec<u8>, ClientError> {
+        let target = self.input_tick(now, rtt);
+        let first = match self.history.newest_tick() {
+            None => target,
+            Some(n) if target.is_after(n) => {
+                // Fill skipped ticks (a stalled client), but never more than the window holds.
+                let gap = target.diff(n) as u32;
+                n.add(1 + gap.saturating_sub(u32::from(self.welcome.input_redundancy.max(1))))
+            }
+            Some(_) => target.add(1), // the estimate moved back: nothing new to stamp
+        };
+        let mut t = first;
+        while !t.is_after(target) {
+            if self.history.push(InputCmd { tick: t, ..input }) {
+                self.counters.inputs += 1;
+            }
+            t = t.next();
+        }
+        self.counters.input_datagrams += 1;
+        let d = InputDatagram {
+            snapshot_ack: self.snapshot_ack(),
+            inputs: self.history.window(),
+        };
+        Ok(d.encode()?)
+    }
+}

@@ -1,0 +1,38 @@
+//! quicktick-shared: the sans-IO protocol core of quicktick.
+//!
+//! No tokio, no sockets, no clock: time is passed in. The server and the client library are thin I/O
+//! shells around these types; tests drive them deterministically in memory.
+//!
+//! # Layout
+//! - [`tick`]: tick numbers and wrapping sequence math.
+//! - [`bits`]: bit writer/reader for the snapshot format.
+//! - [`quant`]: quantization grids for position, velocity, yaw.
+//! - [`entity`]: entity ids (slot + generation) and quantized entity state.
+//! - [`snapshot`]: snapshots and the server's bounded snapshot history.
+//! - [`delta`]: snapshot delta encode / decode / apply, split into self-contained datagram parts.
+//! - [`assembler`]: client-side reassembly of split snapshots and the ring of held baselines.
+//! - [`input`]: input commands, validation, the server input buffer, the client redundancy window.
+//! - [`wire`]: input datagrams, stream messages and frames (the only module that names bincode).
+//! - [`lobby`]: roster, chat sequencing and de-duplication.
+//! - [`session`]: the server's per-client state (acks, baselines, inputs).
+//! - [`client`]: the client's session state machine and server-tick estimator.
+//! - [`map`]: map format (TOML text).
+//! - [`sim`]: the deterministic simulation step.
+
+pub mod assembler;
+pub mod bits;
+pub mod client;
+pub mod delta;
+pub mod entity;
+pub mod input;
+pub mod lobby;
+pub mod map;
+pub mod quant;
+pub mod session;
+pub mod sim;
+pub mod snapshot;
+pub mod tick;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
