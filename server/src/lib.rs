@@ -1,1 +1,148 @@
-pub fn x() {}
+//! quicktick-server: the dedicated authoritative game-state server.
+//!
+//! [`Server::start`] takes a bound [`quinn::Endpoint`] and runs the server in-process (tests start it
+//! on 127.0.0.1:0); [`run`] adds a shutdown future; the `quicktick-server` binary wraps it with flags.
+//!
+//! # Layout
+//! - [`config`]: settings file + validation; map loading.
+//! - [`tls`]: PEM loading and the development certificate.
+//! - [`core`]: the I/O-free authoritative core (world, lobby, sessions, snapshot encode).
+//! - `tick_loop`: the dedicated tick thread: schedule, queues, executing the core's outputs.
+//! - [`net`]: endpoint, accept loop, per-connection tasks.
+//! - [`stats`]: lock-free counters.
+
+pub mod config;
+pub mod core;
+pub mod net;
+pub mod stats;
+mod tick_loop;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quicktick_shared::map::Map;
+use quicktick_shared::wire::close;
+use tokio::sync::{mpsc, watch};
+
+pub use crate::config::ServerConfig;
+pub use crate::stats::{ServerStats, StatsSnapshot};
+pub use crate::tick_loop::Published;
+
+/// Capacity of the input queue from connection tasks to the tick thread (full → dropped, counted).
+pub const INPUT_QUEUE: usize = 16 * 1024;
+/// Capacity of the control queue (joins, chat, leaves: never dropped, senders wait).
+pub const CONTROL_QUEUE: usize = 4096;
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    stats: Arc<ServerStats>,
+    published: Arc<Published>,
+    stop_tick: Arc<AtomicBool>,
+    stop_accept: watch::Sender<bool>,
+    tick_thread: Option<std::thread::JoinHandle<()>>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts the tick thread and the accept loop on `endpoint`. Must be called inside a tokio
+    /// runtime.
+    pub fn start(endpoint: quinn::Endpoint, cfg: ServerConfig, map: Map) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let stats = Arc::new(ServerStats::default());
+        let published = Arc::new(Published::default());
+        let stop_tick = Arc::new(AtomicBool::new(false));
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+        let thread = tick_loop::TickThread {
+            core: core::ServerCore::new(cfg.clone(), map),
+            links: HashMap::new(),
+            control_rx,
+            input_rx,
+            stats: stats.clone(),
+            published: published.clone(),
+            stop: stop_tick.clone(),
+            tick_rate: cfg.tick_rate,
+            max_catchup: cfg.max_catchup_ticks,
+            out: Vec::new(),
+        };
+        let tick_thread = std::thread::Builder::new()
+            .name("quicktick-tick".into())
+            .spawn(move || thread.run())
+            .context("cannot start the tick thread")?;
+        let (stop_accept, stop_rx) = watch::channel(false);
+        let ctx = Arc::new(net::NetCtx {
+            cfg,
+            stats: stats.clone(),
+            control: control_tx,
+            inputs: input_tx,
+            next_conn: AtomicU64::new(1),
+        });
+        let accept_task = tokio::spawn(net::accept_loop(endpoint.clone(), ctx, stop_rx));
+        Ok(Self {
+            endpoint,
+            stats,
+            published,
+            stop_tick,
+            stop_accept,
+            tick_thread: Some(tick_thread),
+            accept_task,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Live counters.
+    #[must_use]
+    pub fn stats(&self) -> &Arc<ServerStats> {
+        &self.stats
+    }
+
+    /// What the tick thread publishes (recent snapshots, roster).
+    #[must_use]
+    pub fn published(&self) -> &Arc<Published> {
+        &self.published
+    }
+
+    /// Graceful shutdown: stop accepting, close every player with the reason "server shutting down"
+    /// after flushing their stream, wait (bounded) for connections to close, and stop the tick thread.
+    pub async fn shutdown(mut self) -> StatsSnapshot {
+        let _ = self.stop_accept.send(true);
+        let _ = (&mut self.accept_task).await;
+        self.stop_tick.store(true, Ordering::Release);
+        if let Some(t) = self.tick_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.stats.connections_current.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.stats.snapshot()
+    }
+}
+
+/// Runs a server on `endpoint` until `shutdown` completes, then shuts down gracefully.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    cfg: ServerConfig,
+    map: Map,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<StatsSnapshot> {
+    let server = Server::start(endpoint, cfg, map)?;
+    shutdown.await;
+    Ok(server.shutdown().await)
+}

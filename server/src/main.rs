@@ -1,1 +1,157 @@
-fn main() {}
+//! `quicktick-server`: the dedicated server binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use quicktick_server::{config::ServerConfig, net::server_endpoint, tls};
+
+/// quicktick dedicated game-state server (QUIC). Flags override the config file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// UDP address to listen on [default: 127.0.0.1:4433]
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Config file (TOML; see assets/server.toml for every key and its default)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Simulation rate in Hz, 10..=128 [default: 60]
+    #[arg(long, value_name = "HZ")]
+    tick_rate: Option<u32>,
+    /// Map file [default: assets/maps/arena.toml, or the built-in arena if that file is absent]
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
+    /// Most players at once [default: 64]
+    #[arg(long)]
+    max_players: Option<usize>,
+    /// NPC entities in the world [default: 200]
+    #[arg(long)]
+    npcs: Option<usize>,
+    /// Certificate chain (PEM). Without --cert/--key a development certificate is created in
+    /// ./quicktick-dev-cert/ (cert.pem, key.pem) and reused.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Stop gracefully after this many seconds [default: run until SIGINT/SIGTERM]
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("quicktick-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => ServerConfig::from_file(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(b) = args.bind {
+        cfg.bind = b;
+    }
+    if let Some(t) = args.tick_rate {
+        cfg.tick_rate = t;
+    }
+    if let Some(m) = &args.map {
+        cfg.map = m.clone();
+    }
+    if let Some(m) = args.max_players {
+        cfg.max_players = m;
+    }
+    if let Some(n) = args.npcs {
+        cfg.npc_count = n;
+    }
+    cfg.validate()?;
+    let map = cfg.load_map()?;
+    let cert = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => tls::load_pem(c, k)?,
+        _ => tls::load_or_create_dev_cert(&cfg.dev_cert_dir)?,
+    };
+    if let Some(d) = args.duration {
+        anyhow::ensure!(
+            d.is_finite() && d > 0.0,
+            "--duration must be a positive number of seconds"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
+    rt.block_on(async move {
+        let endpoint = server_endpoint(cfg.bind, cert, &cfg)?;
+        tracing::info!(
+            addr = %endpoint.local_addr()?,
+            tick_rate = cfg.tick_rate,
+            map = %map.id,
+            npcs = cfg.npc_count,
+            max_players = cfg.max_players,
+            "quicktick-server listening"
+        );
+        let stop = async move {
+            let duration = async {
+                match args.duration {
+                    Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = duration => tracing::info!("--duration reached: shutting down"),
+                _ = signal() => tracing::info!("signal received: shutting down"),
+            }
+        };
+        let s = quicktick_server::run(endpoint, cfg, map, stop).await?;
+        tracing::info!(
+            ticks = s.ticks,
+            late_ticks = s.late_ticks,
+            overruns = s.overruns,
+            tick_us_mean = s.tick_us_total / s.ticks.max(1),
+            tick_us_max = s.tick_us_max,
+            connections = s.connections_accepted,
+            datagrams_sent = s.datagrams_sent,
+            datagrams_too_large = s.datagrams_too_large,
+            keyframes = s.keyframes,
+            deltas = s.deltas,
+            chat_lines = s.chat_lines,
+            "stopped"
+        );
+        Ok(())
+    })
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

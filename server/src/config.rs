@@ -1,0 +1,220 @@
+//! Server configuration: the TOML file (`assets/server.toml` documents every key) with command-line
+//! overrides applied on top, validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Every server setting. Defaults equal `assets/server.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub bind: SocketAddr,
+    /// Ticks per second, 10..=128.
+    pub tick_rate: u32,
+    /// Most players at once.
+    pub max_players: usize,
+    /// Map file path.
+    pub map: PathBuf,
+    /// NPCs kept alive.
+    pub npc_count: usize,
+    /// Simulation seed.
+    pub seed: u64,
+    /// Inputs repeated per input datagram (3..=16).
+    pub input_redundancy: u8,
+    /// Snapshot history in ticks (2..=255).
+    pub snapshot_history: u32,
+    /// Most late ticks run back to back after a stall.
+    pub max_catchup_ticks: u32,
+    /// QUIC idle timeout, ms.
+    pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval, ms.
+    pub keep_alive_ms: u64,
+    /// Time allowed for the QUIC handshake plus `hello`, ms.
+    pub handshake_timeout_ms: u64,
+    /// quinn datagram send buffer, bytes.
+    pub datagram_send_buffer: usize,
+    /// Frames queued per client before it is disconnected as a slow consumer.
+    pub outbound_queue: usize,
+    /// Directory for the generated development certificate.
+    pub dev_cert_dir: PathBuf,
+    /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
+    #[serde(skip)]
+    pub start_tick: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            tick_rate: 60,
+            max_players: 64,
+            map: PathBuf::from(DEFAULT_MAP_PATH),
+            npc_count: 200,
+            seed: 1,
+            input_redundancy: 4,
+            snapshot_history: 64,
+            max_catchup_ticks: 4,
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 2_000,
+            handshake_timeout_ms: 5_000,
+            datagram_send_buffer: 16 * 1024,
+            outbound_queue: 1024,
+            dev_cert_dir: PathBuf::from("quicktick-dev-cert"),
+            start_tick: 0,
+        }
+    }
+}
+
+/// The default map path (relative to the working directory).
+pub const DEFAULT_MAP_PATH: &str = "assets/maps/arena.toml";
+/// The default arena, built in so the server runs from any directory.
+pub const BUILTIN_MAP: &str = include_str!("../../assets/maps/arena.toml");
+
+impl ServerConfig {
+    /// Reads a config file; the error names the file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("invalid config file {}: {}", path.display(), e.message())
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and relations between settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(10..=128).contains(&self.tick_rate) {
+            bail!(
+                "tick_rate must be within 10..=128 Hz (got {})",
+                self.tick_rate
+            );
+        }
+        if self.max_players == 0 || self.max_players > 4096 {
+            bail!(
+                "max_players must be within 1..=4096 (got {})",
+                self.max_players
+            );
+        }
+        if self.npc_count > 60_000 {
+            bail!("npc_count must be at most 60000 (got {})", self.npc_count);
+        }
+        if !(3..=16).contains(&self.input_redundancy) {
+            bail!(
+                "input_redundancy must be within 3..=16 (got {})",
+                self.input_redundancy
+            );
+        }
+        if !(2..=255).contains(&self.snapshot_history) {
+            bail!(
+                "snapshot_history must be within 2..=255 ticks (got {})",
+                self.snapshot_history
+            );
+        }
+        if self.keep_alive_ms == 0 || self.keep_alive_ms * 2 >= self.idle_timeout_ms {
+            bail!("keep_alive_ms must be non-zero and below half of idle_timeout_ms");
+        }
+        if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
+            bail!("handshake_timeout_ms and outbound_queue must be non-zero");
+        }
+        Ok(())
+    }
+
+    /// Loads the configured map. The default path falls back to the built-in arena when absent;
+    /// any other path must exist. Errors name the file.
+    pub fn load_map(&self) -> anyhow::Result<quicktick_shared::map::Map> {
+        let text = match std::fs::read_to_string(&self.map) {
+            Ok(t) => t,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && self.map == Path::new(DEFAULT_MAP_PATH) =>
+            {
+                tracing::info!(
+                    "{} not found: using the built-in default arena",
+                    self.map.display()
+                );
+                BUILTIN_MAP.to_owned()
+            }
+            Err(e) => bail!("cannot read map file {}: {e}", self.map.display()),
+        };
+        quicktick_shared::map::Map::from_toml(&text)
+            .map_err(|e| anyhow::anyhow!("map file {}: {e}", self.map.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_equals_defaults() {
+        let text = include_str!("../../assets/server.toml");
+        let cfg: ServerConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg, ServerConfig::default());
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn builtin_map_parses() {
+        assert!(quicktick_shared::map::Map::from_toml(BUILTIN_MAP).is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for c in [
+            ServerConfig {
+                tick_rate: 9,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                tick_rate: 129,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                input_redundancy: 2,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                snapshot_history: 256,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                keep_alive_ms: 6000,
+                ..ServerConfig::default()
+            },
+        ] {
+            assert!(c.validate().is_err());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("qt-cfg-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let p = dir.join("bad.toml");
+        let _ = std::fs::write(&p, "tick_rat = 60\n");
+        let e = ServerConfig::from_file(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("bad.toml"), "{e}");
+        let e = ServerConfig::from_file(&dir.join("nope.toml"))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("nope.toml"), "{e}");
+        let c = ServerConfig {
+            map: dir.join("missing-map.toml"),
+            ..ServerConfig::default()
+        };
+        let e = c
+            .load_map()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("missing-map.toml"), "{e}");
+    }
+}

@@ -1,0 +1,425 @@
+//! The server's authoritative core, free of I/O: the world, the lobby, every client's session and
+//! the snapshot history. The tick thread feeds it events and executes the outputs it returns, so the
+//! whole server logic runs in tests without sockets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use quicktick_shared::delta::SnapshotEncoder;
+use quicktick_shared::entity::EntityId;
+use quicktick_shared::input::{InputCmd, InputCounters};
+use quicktick_shared::lobby::{ChatOutcome, Lobby};
+use quicktick_shared::map::Map;
+use quicktick_shared::session::ServerSession;
+use quicktick_shared::sim::{SimConfig, SimEvent, World};
+use quicktick_shared::snapshot::{Snapshot, SnapshotHistory};
+use quicktick_shared::tick::Tick;
+use quicktick_shared::wire::{
+    close, ErrorCode, InputDatagram, LeaveReason, PlayerInfo, RefuseReason, ServerMsg, Welcome,
+};
+
+use crate::config::ServerConfig;
+
+/// Identifies one QUIC connection for the life of the server.
+pub type ConnId = u64;
+
+/// An event for the core.
+#[derive(Debug, Clone)]
+pub enum CoreEvent {
+    /// A connection sent `hello`.
+    Hello {
+        /// Connection.
+        conn: ConnId,
+        /// Protocol version it speaks.
+        version: u16,
+        /// Requested name.
+        name: String,
+    },
+    /// A decoded, validated input datagram.
+    Input {
+        /// Connection.
+        conn: ConnId,
+        /// The datagram.
+        datagram: InputDatagram,
+    },
+    /// A chat request.
+    Chat {
+        /// Connection.
+        conn: ConnId,
+        /// Client's message id.
+        client_msg_id: u32,
+        /// Text as sent.
+        text: String,
+    },
+    /// The connection is gone.
+    Gone {
+        /// Connection.
+        conn: ConnId,
+        /// Why.
+        reason: LeaveReason,
+    },
+}
+
+/// Something the I/O shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoreOutput {
+    /// Send a frame on the client's stream.
+    Frame(ConnId, ServerMsg),
+    /// Send a datagram (already within the size the shell reported for this connection).
+    Datagram(ConnId, Vec<u8>),
+    /// Send the queued frames, then close with this code and reason.
+    CloseAfterFlush(ConnId, u32, String),
+}
+
+/// Counters of the core (the shell adds I/O counters of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreCounters {
+    /// Ticks simulated.
+    pub ticks: u64,
+    /// Joins accepted.
+    pub joins: u64,
+    /// Joins refused.
+    pub refusals: u64,
+    /// Chat lines accepted.
+    pub chat_lines: u64,
+    /// Keyframes sent.
+    pub keyframes: u64,
+    /// Deltas sent.
+    pub deltas: u64,
+    /// Snapshot datagrams produced.
+    pub snapshot_parts: u64,
+    /// Snapshot bytes produced.
+    pub snapshot_bytes: u64,
+    /// Largest snapshot (all parts), bytes.
+    pub snapshot_bytes_max: u64,
+    /// Snapshots that could not be encoded (datagram limit below the protocol minimum).
+    pub encode_failures: u64,
+    /// Events from connections that are not (or no longer) players.
+    pub stray_events: u64,
+    /// Shots fired.
+    pub shots: u64,
+    /// Shots that hit.
+    pub hits: u64,
+    /// Input counters summed over players that left.
+    pub departed_inputs: InputCounters,
+}
+
+#[derive(Debug)]
+struct Player {
+    session: ServerSession,
+    info: PlayerInfo,
+    /// Largest datagram the connection accepts now (refreshed by the shell every tick).
+    max_datagram: Option<usize>,
+}
+
+/// The authoritative server state.
+#[derive(Debug)]
+pub struct ServerCore {
+    cfg: ServerConfig,
+    world: World,
+    lobby: Lobby,
+    history: SnapshotHistory,
+    encoder: SnapshotEncoder,
+    players: BTreeMap<ConnId, Player>,
+    shutting_down: bool,
+    events: Vec<SimEvent>,
+    scratch: Vec<Vec<u8>>,
+    /// Counters.
+    pub counters: CoreCounters,
+}
+
+impl ServerCore {
+    /// A core with the world at `cfg.start_tick`.
+    #[must_use]
+    pub fn new(cfg: ServerConfig, map: Map) -> Self {
+        let sim = SimConfig {
+            tick_rate: cfg.tick_rate,
+            npc_count: cfg.npc_count,
+            seed: cfg.seed,
+        };
+        let world = World::new(map, sim, Tick(cfg.start_tick));
+        let mut history = SnapshotHistory::new(cfg.snapshot_history as usize);
+        history.push(Arc::new(world.snapshot()));
+        Self {
+            lobby: Lobby::new(cfg.max_players),
+            history,
+            world,
+            encoder: SnapshotEncoder::new(),
+            players: BTreeMap::new(),
+            shutting_down: false,
+            events: Vec::new(),
+            scratch: Vec::new(),
+            counters: CoreCounters::default(),
+            cfg,
+        }
+    }
+
+    /// The world.
+    #[must_use]
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// The current tick's snapshot.
+    #[must_use]
+    pub fn current_snapshot(&self) -> Option<&Arc<Snapshot>> {
+        self.history.get(self.world.tick())
+    }
+
+    /// The lobby roster.
+    #[must_use]
+    pub fn roster(&self) -> Vec<PlayerInfo> {
+        self.lobby.roster()
+    }
+
+    /// Number of players.
+    #[must_use]
+    pub fn player_count(&self) -> usize {
+        self.players.len()
+    }
+
+    /// Input counters summed over current and departed players.
+    #[must_use]
+    pub fn input_counters(&self) -> InputCounters {
+        let mut c = self.counters.departed_inputs;
+        for p in self.players.values() {
+            add_counters(&mut c, &p.session.inputs.counters);
+        }
+        c
+    }
+
+    /// Updates the datagram size limit of a connection (`None`: datagrams unsupported or closed).
+    pub fn set_max_datagram(&mut self, conn: ConnId, max: Option<usize>) {
+        if let Some(p) = self.players.get_mut(&conn) {
+            p.max_datagram = max;
+        }
+    }
+
+    /// Connections of current players.
+    pub fn conns(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.players.keys().copied()
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, ev: CoreEvent, out: &mut Vec<CoreOutput>) {
+        match ev {
+            CoreEvent::Hello {
+                conn,
+                version,
+                name,
+            } => self.hello(conn, version, &name, out),
+            CoreEvent::Input { conn, datagram } => match self.players.get_mut(&conn) {
+                Some(p) => p.session.handle_input(&datagram),
+                None => self.counters.stray_events += 1,
+            },
+            CoreEvent::Chat {
+                conn,
+                client_msg_id,
+                text,
+            } => self.chat(conn, client_msg_id, &text, out),
+            CoreEvent::Gone { conn, reason } => self.remove(conn, reason, out),
+        }
+    }
+
+    fn hello(&mut self, conn: ConnId, version: u16, name: &str, out: &mut Vec<CoreOutput>) {
+        if self.players.contains_key(&conn) {
+            out.push(CoreOutput::Frame(
+                conn,
+                ServerMsg::Error {
+                    code: ErrorCode::UnexpectedMessage,
+                    detail: "already joined".into(),
+                },
+            ));
+            return;
+        }
+        let check = if self.shutting_down {
+            Err(RefuseReason::ShuttingDown)
+        } else {
+            self.lobby.check_join(version, name)
+        };
+        let avatar = check.and_then(|()| self.world.spawn_player().ok_or(RefuseReason::ServerFull));
+        let avatar = match avatar {
+            Ok(a) => a,
+            Err(reason) => {
+                self.counters.refusals += 1;
+                let detail = match reason {
+                    RefuseReason::VersionMismatch => format!(
+                        "protocol version {version} is not supported (server speaks {})",
+                        quicktick_shared::wire::PROTOCOL_VERSION
+                    ),
+                    RefuseReason::ServerFull => {
+                        format!("server full ({} players)", self.cfg.max_players)
+                    }
+                    RefuseReason::BadName => {
+                        "name must be 1..=32 bytes with no control characters".into()
+                    }
+                    RefuseReason::ShuttingDown => "server shutting down".into(),
+                };
+                out.push(CoreOutput::Frame(
+                    conn,
+                    ServerMsg::Refused {
+                        reason,
+                        detail: detail.clone(),
+                    },
+                ));
+                out.push(CoreOutput::CloseAfterFlush(conn, close::REFUSED, detail));
+                return;
+            }
+        };
+        let info = self.lobby.join(name, avatar);
+        self.counters.joins += 1;
+        // Presence first to everyone already in, then the welcome (with the full roster) to the new one.
+        for c in self.players.keys() {
+            out.push(CoreOutput::Frame(*c, ServerMsg::PlayerJoined(info.clone())));
+        }
+        let welcome = Welcome {
+            player_id: info.id,
+            tick_rate: self.cfg.tick_rate as u16,
+            map_id: self.world.map().id.clone(),
+            map_width: self.world.map().width,
+            map_height: self.world.map().height,
+            avatar,
+            server_tick: self.world.tick(),
+            input_redundancy: self.cfg.input_redundancy,
+            players: self.lobby.roster(),
+            chat_seq: self.lobby.chat_seq(),
+        };
+        out.push(CoreOutput::Frame(conn, ServerMsg::Welcome(welcome)));
+        let session = ServerSession::new(info.id, avatar, self.world.tick().next());
+        self.players.insert(
+            conn,
+            Player {
+                session,
+                info,
+                max_datagram: None,
+            },
+        );
+    }
+
+    fn chat(&mut self, conn: ConnId, client_msg_id: u32, text: &str, out: &mut Vec<CoreOutput>) {
+        let Some(p) = self.players.get(&conn) else {
+            self.counters.stray_events += 1;
+            return;
+        };
+        match self.lobby.chat(p.info.id, client_msg_id, text) {
+            ChatOutcome::Accepted(line) => {
+                self.counters.chat_lines += 1;
+                self.broadcast(out, |_| ServerMsg::Chat(line.clone()));
+            }
+            ChatOutcome::Duplicate => {}
+            ChatOutcome::Rejected => out.push(CoreOutput::Frame(
+                conn,
+                ServerMsg::Error {
+                    code: ErrorCode::ChatRejected,
+                    detail: format!(
+                        "chat line {client_msg_id} is empty or longer than {} bytes",
+                        quicktick_shared::wire::MAX_CHAT_BYTES
+                    ),
+                },
+            )),
+            ChatOutcome::UnknownPlayer => self.counters.stray_events += 1,
+        }
+    }
+
+    fn broadcast(&self, out: &mut Vec<CoreOutput>, msg: impl Fn(ConnId) -> ServerMsg) {
+        for c in self.players.keys() {
+            out.push(CoreOutput::Frame(*c, msg(*c)));
+        }
+    }
+
+    fn remove(&mut self, conn: ConnId, reason: LeaveReason, out: &mut Vec<CoreOutput>) {
+        let Some(p) = self.players.remove(&conn) else {
+            return;
+        };
+        self.world.despawn(p.session.avatar);
+        self.lobby.leave(p.info.id);
+        add_counters(
+            &mut self.counters.departed_inputs,
+            &p.session.inputs.counters,
+        );
+        let id = p.info.id;
+        self.broadcast(out, |_| ServerMsg::PlayerLeft { id, reason });
+    }
+
+    /// Runs one tick: each player's input for the tick, the simulation step, the snapshot, and a
+    /// delta-encoded snapshot for every player within its connection's datagram limit.
+    pub fn tick(&mut self, out: &mut Vec<CoreOutput>) {
+        let inputs: Vec<(EntityId, InputCmd)> = self
+            .players
+            .values_mut()
+            .map(|p| (p.session.avatar, p.session.inputs.take().0))
+            .collect();
+        self.events.clear();
+        self.world.step(&inputs, &mut self.events);
+        for e in &self.events {
+            if let SimEvent::Shot { hit, .. } = e {
+                self.counters.shots += 1;
+                self.counters.hits += u64::from(hit.is_some());
+            }
+        }
+        self.counters.ticks += 1;
+        let snap = Arc::new(self.world.snapshot());
+        self.history.push(snap.clone());
+        let quant = *self.world.quant();
+        for (conn, p) in &mut self.players {
+            let Some(max) = p.max_datagram else { continue };
+            self.scratch.clear();
+            match p.session.encode_snapshot(
+                &snap,
+                &self.history,
+                &mut self.encoder,
+                &quant,
+                max,
+                self.cfg.snapshot_history,
+                &mut self.scratch,
+            ) {
+                Ok(stats) => {
+                    let c = &mut self.counters;
+                    if stats.keyframe {
+                        c.keyframes += 1;
+                    } else {
+                        c.deltas += 1;
+                    }
+                    c.snapshot_parts += stats.parts as u64;
+                    c.snapshot_bytes += stats.bytes as u64;
+                    c.snapshot_bytes_max = c.snapshot_bytes_max.max(stats.bytes as u64);
+                    out.extend(
+                        self.scratch
+                            .drain(..)
+                            .map(|d| CoreOutput::Datagram(*conn, d)),
+                    );
+                }
+                Err(e) => {
+                    self.counters.encode_failures += 1;
+                    tracing::warn!(conn, "snapshot not sent: {e}");
+                }
+            }
+        }
+    }
+
+    /// Starts shutting down: refuses further joins and closes every player with a reason.
+    pub fn shutdown(&mut self, out: &mut Vec<CoreOutput>) {
+        self.shutting_down = true;
+        for c in self.players.keys() {
+            out.push(CoreOutput::CloseAfterFlush(
+                *c,
+                close::SHUTDOWN,
+                "server shutting down".into(),
+            ));
+        }
+    }
+
+    /// The player id of a connection, if it has joined.
+    #[must_use]
+    pub fn player_id(&self, conn: ConnId) -> Option<u32> {
+        self.players.get(&conn).map(|p| p.info.id)
+    }
+}
+
+fn add_counters(acc: &mut InputCounters, c: &InputCounters) {
+    acc.applied += c.applied;
+    acc.missing += c.missing;
+    acc.late += c.late;
+    acc.duplicates += c.duplicates;
+    acc.too_far_ahead += c.too_far_ahead;
+}

@@ -1,0 +1,277 @@
+//! The QUIC shell: endpoint construction, the accept loop (each incoming connection in its own task
+//! with a handshake deadline), and the per-connection task that decodes hostile bytes, forwards
+//! events to the tick thread and writes the client's stream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quicktick_shared::wire::{
+    close, encode_frame, ClientMsg, ErrorCode, FrameDecoder, InputDatagram, LeaveReason, ServerMsg,
+    WireError, ALPN, MAX_INPUT_DATAGRAM,
+};
+use quinn::{ConnectionError, VarInt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout_at, Instant};
+
+use crate::config::ServerConfig;
+use crate::core::ConnId;
+use crate::stats::ServerStats;
+use crate::tick_loop::{Control, Link, Outbound};
+use crate::tls::CertKey;
+
+/// Builds the server endpoint: TLS 1.3 with the `quicktick/1` ALPN, keep-alive and idle timeout from
+/// the config, a small datagram send buffer, and one client-opened bidirectional stream.
+pub fn server_endpoint(
+    bind: SocketAddr,
+    cert: CertKey,
+    cfg: &ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .context("TLS 1.3 unavailable")?
+    .with_no_client_auth()
+    .with_single_cert(cert.chain, cert.key)
+    .context("certificate and key do not match or are unsupported")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .context("TLS config unusable for QUIC")?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        VarInt::from_u64(cfg.idle_timeout_ms)
+            .context("idle timeout too large")?
+            .into(),
+    ));
+    t.keep_alive_interval(Some(Duration::from_millis(cfg.keep_alive_ms)));
+    t.datagram_send_buffer_size(cfg.datagram_send_buffer);
+    t.datagram_receive_buffer_size(Some(64 * 1024));
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    sc.transport_config(Arc::new(t));
+    quinn::Endpoint::server(sc, bind).with_context(|| format!("cannot bind UDP {bind}"))
+}
+
+/// Shared context of connection tasks.
+pub(crate) struct NetCtx {
+    pub cfg: ServerConfig,
+    pub stats: Arc<ServerStats>,
+    pub control: mpsc::Sender<Control>,
+    pub inputs: mpsc::Sender<(ConnId, InputDatagram)>,
+    pub next_conn: AtomicU64,
+}
+
+/// Accepts connections until `stop` flips; each one runs in its own task.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<NetCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            inc = endpoint.accept() => match inc {
+                Some(incoming) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { connection(incoming, ctx).await });
+                }
+                None => break,
+            },
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+fn leave_reason(e: &ConnectionError) -> LeaveReason {
+    match e {
+        ConnectionError::TimedOut | ConnectionError::Reset => LeaveReason::TimedOut,
+        ConnectionError::LocallyClosed => LeaveReason::Kicked,
+        _ => LeaveReason::Quit,
+    }
+}
+
+fn violation(
+    conn: &quinn::Connection,
+    stats: &std::sync::atomic::AtomicU64,
+    what: &str,
+    e: &WireError,
+) -> LeaveReason {
+    ServerStats::add(stats, 1);
+    let reason = format!("protocol violation: {what}: {e}");
+    tracing::info!(remote = %conn.remote_address(), "{reason}");
+    let mut bytes = reason.into_bytes();
+    bytes.truncate(512);
+    conn.close(close::PROTOCOL_VIOLATION.into(), &bytes);
+    LeaveReason::Kicked
+}
+
+async fn connection(incoming: quinn::Incoming, ctx: Arc<NetCtx>) {
+    let deadline = Instant::now() + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
+    let conn = match timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            ServerStats::add(&ctx.stats.handshake_failures, 1);
+            tracing::debug!("handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            ServerStats::add(&ctx.stats.handshake_failures, 1);
+            return;
+        }
+    };
+    ServerStats::add(&ctx.stats.connections_accepted, 1);
+    ctx.stats
+        .connections_current
+        .fetch_add(1, Ordering::Relaxed);
+    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    serve(id, &conn, &ctx, deadline).await;
+    ctx.stats
+        .connections_current
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve(id: ConnId, conn: &quinn::Connection, ctx: &NetCtx, deadline: Instant) {
+    // The stream and `hello` must arrive before the handshake deadline.
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let hello = timeout_at(deadline, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| Err(leave_reason(&e)))?;
+        loop {
+            match dec.next_msg::<ClientMsg>() {
+                Ok(Some(ClientMsg::Hello { version, name })) => {
+                    return Ok((send, recv, version, name))
+                }
+                Ok(Some(_)) => {
+                    return Err(Ok(WireError::Invalid("the first message must be hello")));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Ok(e)),
+            }
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => dec.extend(buf.get(..n).unwrap_or_default()),
+                Ok(None) => return Err(Err(LeaveReason::Quit)),
+                Err(_) => return Err(Err(LeaveReason::TimedOut)),
+            }
+        }
+    })
+    .await;
+    let (send, mut recv, version, name) = match hello {
+        Ok(Ok(h)) => h,
+        Ok(Err(Ok(e))) => {
+            violation(conn, &ctx.stats.bad_frames, "bad hello", &e);
+            return;
+        }
+        Ok(Err(Err(_))) => return,
+        Err(_) => {
+            ServerStats::add(&ctx.stats.handshake_failures, 1);
+            conn.close(
+                close::HANDSHAKE_TIMEOUT.into(),
+                b"no hello before the handshake deadline",
+            );
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel(ctx.cfg.outbound_queue);
+    tokio::spawn(writer(send, rx, conn.clone()));
+    let own_tx = tx.clone();
+    let link = Link {
+        conn: conn.clone(),
+        out: tx,
+    };
+    if ctx
+        .control
+        .send(Control::Join {
+            conn: id,
+            link,
+            version,
+            name,
+        })
+        .await
+        .is_err()
+    {
+        conn.close(close::SHUTDOWN.into(), b"server shutting down");
+        return;
+    }
+    let reason = loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(bytes) => {
+                    if bytes.len() > MAX_INPUT_DATAGRAM {
+                        break violation(conn, &ctx.stats.bad_datagrams, "datagram", &WireError::TooLarge(bytes.len(), MAX_INPUT_DATAGRAM));
+                    }
+                    match InputDatagram::decode(&bytes) {
+                        Ok(d) => {
+                            ServerStats::add(&ctx.stats.input_datagrams, 1);
+                            if ctx.inputs.try_send((id, d)).is_err() {
+                                ServerStats::add(&ctx.stats.input_queue_full, 1);
+                            }
+                        }
+                        Err(e) => break violation(conn, &ctx.stats.bad_datagrams, "input datagram", &e),
+                    }
+                }
+                Err(e) => break leave_reason(&e),
+            },
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => {
+                    dec.extend(buf.get(..n).unwrap_or_default());
+                    let mut bad = None;
+                    loop {
+                        match dec.next_msg::<ClientMsg>() {
+                            Ok(Some(ClientMsg::Chat { client_msg_id, text })) => {
+                                if ctx.control.send(Control::Chat { conn: id, client_msg_id, text }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(Some(ClientMsg::Hello { .. })) => {
+                                let err = ServerMsg::Error { code: ErrorCode::UnexpectedMessage, detail: "already joined".into() };
+                                if let Ok(f) = encode_frame(&err) {
+                                    let _ = own_tx.try_send(Outbound::Frame(f));
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                bad = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(e) = bad {
+                        break violation(conn, &ctx.stats.bad_frames, "stream frame", &e);
+                    }
+                }
+                Ok(None) => {
+                    conn.close(close::QUIT.into(), b"stream finished");
+                    break LeaveReason::Quit;
+                }
+                Err(_) => break conn.close_reason().map_or(LeaveReason::Quit, |e| leave_reason(&e)),
+            },
+        }
+    };
+    let _ = ctx.control.send(Control::Gone { conn: id, reason }).await;
+}
+
+async fn writer(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Outbound>,
+    conn: quinn::Connection,
+) {
+    while let Some(o) = rx.recv().await {
+        match o {
+            Outbound::Frame(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Outbound::CloseAfterFlush(code, reason) => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                conn.close(code.into(), reason.as_bytes());
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Server-wide counters, shared lock-free between the tick thread, connection tasks and observers
+//! (logs, tests). Every field is a monotonically increasing count unless its doc says otherwise.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live server counters.
+        #[derive(Debug, Default)]
+        pub struct ServerStats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        /// A plain copy of [`ServerStats`] at one moment.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl ServerStats {
+            /// Reads every counter.
+            #[must_use]
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Ticks simulated.
+    ticks,
+    /// Ticks that started more than one period after their scheduled time.
+    late_ticks,
+    /// Ticks whose work took longer than one period.
+    overruns,
+    /// Ticks skipped after a stall longer than the catch-up bound.
+    skipped_ticks,
+    /// Longest tick so far, µs (a maximum, not a count).
+    tick_us_max,
+    /// Sum of tick durations, µs.
+    tick_us_total,
+    /// Connections that completed the QUIC handshake.
+    connections_accepted,
+    /// Connections currently open (a gauge).
+    connections_current,
+    /// Handshakes that failed or timed out (QUIC or `hello`).
+    handshake_failures,
+    /// Joins refused.
+    refusals,
+    /// Input datagrams accepted.
+    input_datagrams,
+    /// Input datagrams dropped because the tick thread's queue was full.
+    input_queue_full,
+    /// Datagrams refused as malformed, oversized or invalid (the sender is disconnected).
+    bad_datagrams,
+    /// Stream frames refused as malformed or oversized (the sender is disconnected).
+    bad_frames,
+    /// Snapshot datagrams handed to QUIC.
+    datagrams_sent,
+    /// Bytes of those datagrams.
+    datagram_bytes_sent,
+    /// Datagrams QUIC refused as larger than the path allows (must stay 0).
+    datagrams_too_large,
+    /// Datagrams QUIC refused for another reason (connection closing, datagrams unsupported).
+    datagram_send_errors,
+    /// Keyframes sent.
+    keyframes,
+    /// Deltas sent.
+    deltas,
+    /// Largest snapshot sent, bytes (a maximum).
+    snapshot_bytes_max,
+    /// Chat lines accepted.
+    chat_lines,
+    /// Clients disconnected because their stream queue was full.
+    slow_consumers,
+    /// Player-ticks simulated without that player's input.
+    missing_inputs,
+    /// Inputs that arrived after their tick.
+    late_inputs,
+    /// Players currently joined (a gauge).
+    players,
+    /// Entities in the world (a gauge).
+    entities,
+}
+
+impl ServerStats {
+    /// Raises a maximum.
+    pub fn max(&self, field: &AtomicU64, v: u64) {
+        field.fetch_max(v, Ordering::Relaxed);
+    }
+
+    /// Adds to a counter.
+    pub fn add(field: &AtomicU64, v: u64) {
+        field.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(field: &AtomicU64, v: u64) {
+        field.store(v, Ordering::Relaxed);
+    }
+}
