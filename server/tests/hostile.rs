@@ -1,0 +1,162 @@
+//! Hostile input over real QUIC: every bad datagram or frame costs only its sender (a close code and
+//! reason), never the server or the other players.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{count_datagrams, raw_endpoint, start, test_config, RawClient};
+use quicktick_shared::wire::{close, ClientMsg, RefuseReason, ServerMsg, PROTOCOL_VERSION};
+
+/// Runs `attack` from one client while a bystander plays, then checks the attacker got `code`, the
+/// bystander kept receiving snapshots and the server still accepts new players.
+async fn attack_costs_only_the_attacker<F, Fut>(attack: F, code: u32)
+where
+    F: FnOnce(RawClient) -> Fut,
+    Fut: std::future::Future<Output = RawClient>,
+{
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let (bystander, _) = RawClient::join(&ep, ts.addr, "bystander").await;
+    assert!(count_datagrams(&bystander.conn, Duration::from_millis(300)).await > 5);
+    let (attacker, _) = RawClient::join(&ep, ts.addr, "attacker").await;
+    let attacker = attack(attacker).await;
+    let (got, reason) = attacker.closed().await.expect("attacker was not disconnected");
+    assert_eq!(got, u64::from(code), "close reason: {reason}");
+    assert!(!reason.is_empty());
+    // The bystander still gets snapshots and the server takes new players.
+    assert!(count_datagrams(&bystander.conn, Duration::from_millis(300)).await > 5);
+    let (late, w) = RawClient::join(&ep, ts.addr, "late").await;
+    assert!(w.players.iter().any(|p| p.name == "bystander"));
+    assert!(!w.players.iter().any(|p| p.name == "attacker"), "the attacker left presence");
+    drop(late);
+    let s = ts.server.shutdown().await;
+    assert_eq!(s.datagrams_too_large, 0);
+}
+
+#[tokio::test]
+async fn garbage_datagram() {
+    attack_costs_only_the_attacker(
+        |c| async move {
+            c.conn.send_datagram(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3].into()).unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn truncated_input_datagram() {
+    attack_costs_only_the_attacker(
+        |c| async move {
+            // kind byte, Some(ack) tag, then nothing.
+            c.conn.send_datagram(vec![0x01, 0x01].into()).unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_datagram() {
+    attack_costs_only_the_attacker(
+        |c| async move {
+            let max = c.conn.max_datagram_size().unwrap();
+            c.conn.send_datagram(vec![0x01; max.min(1100)].into()).unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn nan_input() {
+    attack_costs_only_the_attacker(
+        |c| async move {
+            // Hand-encoded: kind, ack None, 1 input: tick 5, move_x NaN, move_y 0, aim 0, buttons 0.
+            let mut d = vec![0x01, 0x00, 0x01, 0x05];
+            d.extend_from_slice(&f32::NAN.to_le_bytes());
+            d.extend_from_slice(&0f32.to_le_bytes());
+            d.extend_from_slice(&0f32.to_le_bytes());
+            d.push(0);
+            c.conn.send_datagram(d.into()).unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_frame() {
+    attack_costs_only_the_attacker(
+        |mut c| async move {
+            c.send.write_all(&[0xff, 0xff, 0, 0, 0]).await.unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_frame() {
+    attack_costs_only_the_attacker(
+        |mut c| async move {
+            c.send.write_all(&[0, 4, 0xee, 0xee, 0xee, 0xee]).await.unwrap();
+            c
+        },
+        close::PROTOCOL_VIOLATION,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn refusals_are_clear() {
+    let ts = start(quicktick_server::ServerConfig { max_players: 1, ..test_config() });
+    let ep = raw_endpoint(&ts.trust);
+    for (version, name, want) in [
+        (PROTOCOL_VERSION + 1, "v", RefuseReason::VersionMismatch),
+        (PROTOCOL_VERSION, "bad\nname", RefuseReason::BadName),
+        (PROTOCOL_VERSION, "", RefuseReason::BadName),
+    ] {
+        let mut c = RawClient::connect(&ep, ts.addr).await;
+        c.send_msg(&ClientMsg::Hello { version, name: name.into() }).await;
+        match c.next_msg().await {
+            Some(ServerMsg::Refused { reason, detail }) => assert_eq!(reason, want, "{detail}"),
+            other => panic!("expected refusal, got {other:?}"),
+        }
+        assert_eq!(c.closed().await.map(|c| c.0), Some(u64::from(close::REFUSED)));
+    }
+    let (_first, _) = RawClient::join(&ep, ts.addr, "first").await;
+    let mut c = RawClient::connect(&ep, ts.addr).await;
+    c.send_msg(&ClientMsg::Hello { version: PROTOCOL_VERSION, name: "second".into() }).await;
+    assert!(matches!(c.next_msg().await, Some(ServerMsg::Refused { reason: RefuseReason::ServerFull, .. })));
+    ts.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_client_hits_the_handshake_deadline() {
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let c = RawClient::connect(&ep, ts.addr).await; // opens the stream but never says hello
+    let (code, reason) = c.closed().await.expect("not closed");
+    assert_eq!(code, u64::from(close::HANDSHAKE_TIMEOUT), "{reason}");
+    ts.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_players_why() {
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let (c, _) = RawClient::join(&ep, ts.addr, "p").await;
+    let stop = tokio::spawn(ts.server.shutdown());
+    let (code, reason) = c.closed().await.expect("not closed");
+    assert_eq!(code, u64::from(close::SHUTDOWN));
+    assert_eq!(reason, "server shutting down");
+    let _ = stop.await;
+}
