@@ -423,3 +423,102 @@ fn add_counters(acc: &mut InputCounters, c: &InputCounters) {
     acc.duplicates += c.duplicates;
     acc.too_far_ahead += c.too_far_ahead;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+    use quicktick_shared::wire::PROTOCOL_VERSION;
+
+    fn core(players: usize) -> ServerCore {
+        let cfg = ServerConfig { max_players: players, npc_count: 50, start_tick: u32::MAX - 3, ..ServerConfig::default() };
+        ServerCore::new(cfg, Map::open(64.0, 64.0))
+    }
+
+    fn frames(out: &[CoreOutput], conn: ConnId) -> Vec<ServerMsg> {
+        out.iter()
+            .filter_map(|o| match o {
+                CoreOutput::Frame(c, m) if *c == conn => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn join_chat_presence_and_leave() {
+        let mut c = core(8);
+        let mut out = Vec::new();
+        for conn in 1..=3 {
+            c.handle(CoreEvent::Hello { conn, version: PROTOCOL_VERSION, name: format!("p{conn}") }, &mut out);
+        }
+        // Conn 1 saw p2 and p3 join; conn 3's welcome lists all three.
+        let f1 = frames(&out, 1);
+        assert!(matches!(&f1[0], ServerMsg::Welcome(w) if w.players.len() == 1));
+        assert_eq!(f1.iter().filter(|m| matches!(m, ServerMsg::PlayerJoined(_))).count(), 2);
+        assert!(matches!(&frames(&out, 3)[0], ServerMsg::Welcome(w) if w.players.len() == 3));
+        out.clear();
+        for (conn, id) in [(2, 1), (1, 1), (2, 2), (2, 2)] {
+            c.handle(CoreEvent::Chat { conn, client_msg_id: id, text: format!("m{conn}.{id}") }, &mut out);
+        }
+        for conn in 1..=3 {
+            let seqs: Vec<u64> = frames(&out, conn)
+                .iter()
+                .filter_map(|m| match m {
+                    ServerMsg::Chat(l) => Some(l.seq),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(seqs, vec![1, 2, 3], "same order for everyone, duplicate dropped");
+        }
+        out.clear();
+        let avatar = c.players[&2].session.avatar;
+        c.handle(CoreEvent::Gone { conn: 2, reason: LeaveReason::TimedOut }, &mut out);
+        assert!(c.world().entity(avatar).is_none(), "avatar left the world");
+        assert_eq!(c.roster().len(), 2);
+        assert!(frames(&out, 1).contains(&ServerMsg::PlayerLeft { id: 2, reason: LeaveReason::TimedOut }));
+        // Events from a departed connection are ignored.
+        c.handle(CoreEvent::Chat { conn: 2, client_msg_id: 9, text: "ghost".into() }, &mut out);
+        assert_eq!(c.counters.stray_events, 1);
+    }
+
+    #[test]
+    fn snapshots_fit_each_connections_limit_and_become_deltas() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        for conn in 1..=2 {
+            c.handle(CoreEvent::Hello { conn, version: PROTOCOL_VERSION, name: format!("p{conn}") }, &mut out);
+        }
+        c.set_max_datagram(1, Some(1162));
+        c.set_max_datagram(2, Some(1414));
+        for _ in 0..20 {
+            out.clear();
+            let t = c.world().tick();
+            for conn in 1..=2 {
+                let datagram = InputDatagram { snapshot_ack: Some(t), inputs: vec![] };
+                c.handle(CoreEvent::Input { conn, datagram }, &mut out);
+            }
+            c.tick(&mut out);
+            for o in &out {
+                if let CoreOutput::Datagram(conn, d) = o {
+                    assert!(d.len() <= if *conn == 1 { 1162 } else { 1414 });
+                }
+            }
+        }
+        assert!(c.world().tick().0 < 100, "crossed the tick wrap");
+        assert_eq!(c.counters.keyframes, 2, "one keyframe each, then deltas");
+        assert_eq!(c.counters.deltas, 38);
+    }
+
+    #[test]
+    fn shutdown_refuses_and_closes_everyone() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        c.handle(CoreEvent::Hello { conn: 1, version: PROTOCOL_VERSION, name: "a".into() }, &mut out);
+        out.clear();
+        c.shutdown(&mut out);
+        assert_eq!(out, vec![CoreOutput::CloseAfterFlush(1, close::SHUTDOWN, "server shutting down".into())]);
+        out.clear();
+        c.handle(CoreEvent::Hello { conn: 2, version: PROTOCOL_VERSION, name: "b".into() }, &mut out);
+        assert!(matches!(&out[0], CoreOutput::Frame(2, ServerMsg::Refused { reason: RefuseReason::ShuttingDown, .. })));
+    }
+}
