@@ -681,7 +681,7 @@ mod tests {
                 d.y.atan2(d.x)
             });
             w.step(&[(p, InputCmd { aim, ..cmd })], &mut ev);
-            if ev.iter().any(|e| *e == SimEvent::Destroyed(npc)) {
+            if ev.contains(&SimEvent::Destroyed(npc)) {
                 destroyed = true;
                 break;
             }

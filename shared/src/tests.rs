@@ -242,7 +242,7 @@ fn wander(step: u64, i: usize) -> InputCmd {
         move_x: a.cos() * 0.9,
         move_y: a.sin() * 0.9,
         aim: a,
-        buttons: u8::from(step % 20 == 0),
+        buttons: u8::from(step.is_multiple_of(20)),
     }
 }
 

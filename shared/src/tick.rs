@@ -7,6 +7,7 @@
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, bincode::Encode, bincode::Decode)]
 pub struct Tick(pub u32);
 
+#[allow(clippy::should_implement_trait)] // wrapping by design; u32 operands, not Tick
 impl Tick {
     /// The tick `n` ticks after this one (wrapping).
     #[must_use]
