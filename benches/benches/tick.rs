@@ -9,7 +9,15 @@ use quicktick_shared::tick::Tick;
 fn sim_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("sim_step");
     for npcs in [200usize, 1000, 5000] {
-        let mut w = World::new(arena(), SimConfig { tick_rate: 60, npc_count: npcs, seed: 1 }, Tick(0));
+        let mut w = World::new(
+            arena(),
+            SimConfig {
+                tick_rate: 60,
+                npc_count: npcs,
+                seed: 1,
+            },
+            Tick(0),
+        );
         let mut ev = Vec::new();
         g.throughput(Throughput::Elements(npcs as u64));
         g.bench_with_input(BenchmarkId::from_parameter(npcs), &npcs, |b, _| {
@@ -30,9 +38,12 @@ fn server_tick(c: &mut Criterion) {
         let (mut core, conns) = loaded_core(clients, npcs);
         let mut out = Vec::new();
         g.throughput(Throughput::Elements((clients * (npcs + clients)) as u64));
-        g.bench_function(BenchmarkId::from_parameter(format!("{clients}c_{npcs}npc")), |b| {
-            b.iter(|| black_box(step(&mut core, &conns, &mut out)));
-        });
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("{clients}c_{npcs}npc")),
+            |b| {
+                b.iter(|| black_box(step(&mut core, &conns, &mut out)));
+            },
+        );
     }
     g.finish();
 }

@@ -18,12 +18,23 @@ pub fn arena() -> Map {
 /// A server core with `clients` players and `npcs` NPCs, warmed up so every client is on deltas.
 #[must_use]
 pub fn loaded_core(clients: usize, npcs: usize) -> (ServerCore, Vec<u64>) {
-    let cfg = ServerConfig { npc_count: npcs, max_players: clients.max(1), ..ServerConfig::default() };
+    let cfg = ServerConfig {
+        npc_count: npcs,
+        max_players: clients.max(1),
+        ..ServerConfig::default()
+    };
     let mut core = ServerCore::new(cfg, arena());
     let mut out = Vec::new();
     let conns: Vec<u64> = (1..=clients as u64).collect();
     for &c in &conns {
-        core.handle(CoreEvent::Hello { conn: c, version: PROTOCOL_VERSION, name: format!("p{c}") }, &mut out);
+        core.handle(
+            CoreEvent::Hello {
+                conn: c,
+                version: PROTOCOL_VERSION,
+                name: format!("p{c}"),
+            },
+            &mut out,
+        );
         core.set_max_datagram(c, Some(1162));
     }
     for _ in 0..10 {
@@ -39,9 +50,18 @@ pub fn step(core: &mut ServerCore, conns: &[u64], out: &mut Vec<CoreOutput>) -> 
     for (i, &c) in conns.iter().enumerate() {
         let a = (t.0 as f32 * 0.05 + i as f32).sin();
         let inputs = (0..4u32)
-            .map(|k| InputCmd { tick: t.add(1).sub(3 - k), move_x: a.cos() * 0.9, move_y: a.sin() * 0.9, aim: a, buttons: 0 })
+            .map(|k| InputCmd {
+                tick: t.add(1).sub(3 - k),
+                move_x: a.cos() * 0.9,
+                move_y: a.sin() * 0.9,
+                aim: a,
+                buttons: 0,
+            })
             .collect();
-        let datagram = InputDatagram { snapshot_ack: Some(Tick(t.0.wrapping_sub(1))), inputs };
+        let datagram = InputDatagram {
+            snapshot_ack: Some(Tick(t.0.wrapping_sub(1))),
+            inputs,
+        };
         core.handle(CoreEvent::Input { conn: c, datagram }, out);
     }
     out.clear();

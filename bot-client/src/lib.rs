@@ -1,1 +1,20 @@
-pub fn x() {}
+//! quicktick-bot: the client library a game (or a test) embeds to play on a quicktick server, and the
+//! bot swarm built on it. The protocol logic lives in `quicktick-shared`; this crate is its I/O shell.
+//!
+//! # Layout
+//! - [`endpoint`]: trusted certificates and the client QUIC endpoint (TLS, ALPN, transport settings).
+//! - [`client`]: [`Client`]: handshake, background tasks (datagrams, inputs, stream), shared state.
+//! - [`lobby`]: the client's view of the lobby: roster, chat log, duplicate/order checks, chat receipts.
+//! - [`behaviour`]: what a bot does each step (wander, unstick, aim, fire), pure and seeded.
+//! - [`swarm`]: the swarm runner behind the `quicktick-bot` binary (flags, progress, end-of-run checks).
+//! - [`report`]: the end-of-run report and the pure computations behind it.
+
+pub mod behaviour;
+pub mod client;
+pub mod endpoint;
+pub mod lobby;
+pub mod report;
+pub mod swarm;
+
+pub use client::{Client, ClientOptions, ClientStats, ConnectError};
+pub use endpoint::{client_endpoint, load_trust};

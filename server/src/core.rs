@@ -431,7 +431,12 @@ mod tests {
     use quicktick_shared::wire::PROTOCOL_VERSION;
 
     fn core(players: usize) -> ServerCore {
-        let cfg = ServerConfig { max_players: players, npc_count: 50, start_tick: u32::MAX - 3, ..ServerConfig::default() };
+        let cfg = ServerConfig {
+            max_players: players,
+            npc_count: 50,
+            start_tick: u32::MAX - 3,
+            ..ServerConfig::default()
+        };
         ServerCore::new(cfg, Map::open(64.0, 64.0))
     }
 
@@ -449,16 +454,35 @@ mod tests {
         let mut c = core(8);
         let mut out = Vec::new();
         for conn in 1..=3 {
-            c.handle(CoreEvent::Hello { conn, version: PROTOCOL_VERSION, name: format!("p{conn}") }, &mut out);
+            c.handle(
+                CoreEvent::Hello {
+                    conn,
+                    version: PROTOCOL_VERSION,
+                    name: format!("p{conn}"),
+                },
+                &mut out,
+            );
         }
         // Conn 1 saw p2 and p3 join; conn 3's welcome lists all three.
         let f1 = frames(&out, 1);
         assert!(matches!(&f1[0], ServerMsg::Welcome(w) if w.players.len() == 1));
-        assert_eq!(f1.iter().filter(|m| matches!(m, ServerMsg::PlayerJoined(_))).count(), 2);
+        assert_eq!(
+            f1.iter()
+                .filter(|m| matches!(m, ServerMsg::PlayerJoined(_)))
+                .count(),
+            2
+        );
         assert!(matches!(&frames(&out, 3)[0], ServerMsg::Welcome(w) if w.players.len() == 3));
         out.clear();
         for (conn, id) in [(2, 1), (1, 1), (2, 2), (2, 2)] {
-            c.handle(CoreEvent::Chat { conn, client_msg_id: id, text: format!("m{conn}.{id}") }, &mut out);
+            c.handle(
+                CoreEvent::Chat {
+                    conn,
+                    client_msg_id: id,
+                    text: format!("m{conn}.{id}"),
+                },
+                &mut out,
+            );
         }
         for conn in 1..=3 {
             let seqs: Vec<u64> = frames(&out, conn)
@@ -468,16 +492,36 @@ mod tests {
                     _ => None,
                 })
                 .collect();
-            assert_eq!(seqs, vec![1, 2, 3], "same order for everyone, duplicate dropped");
+            assert_eq!(
+                seqs,
+                vec![1, 2, 3],
+                "same order for everyone, duplicate dropped"
+            );
         }
         out.clear();
         let avatar = c.players[&2].session.avatar;
-        c.handle(CoreEvent::Gone { conn: 2, reason: LeaveReason::TimedOut }, &mut out);
+        c.handle(
+            CoreEvent::Gone {
+                conn: 2,
+                reason: LeaveReason::TimedOut,
+            },
+            &mut out,
+        );
         assert!(c.world().entity(avatar).is_none(), "avatar left the world");
         assert_eq!(c.roster().len(), 2);
-        assert!(frames(&out, 1).contains(&ServerMsg::PlayerLeft { id: 2, reason: LeaveReason::TimedOut }));
+        assert!(frames(&out, 1).contains(&ServerMsg::PlayerLeft {
+            id: 2,
+            reason: LeaveReason::TimedOut
+        }));
         // Events from a departed connection are ignored.
-        c.handle(CoreEvent::Chat { conn: 2, client_msg_id: 9, text: "ghost".into() }, &mut out);
+        c.handle(
+            CoreEvent::Chat {
+                conn: 2,
+                client_msg_id: 9,
+                text: "ghost".into(),
+            },
+            &mut out,
+        );
         assert_eq!(c.counters.stray_events, 1);
     }
 
@@ -486,7 +530,14 @@ mod tests {
         let mut c = core(4);
         let mut out = Vec::new();
         for conn in 1..=2 {
-            c.handle(CoreEvent::Hello { conn, version: PROTOCOL_VERSION, name: format!("p{conn}") }, &mut out);
+            c.handle(
+                CoreEvent::Hello {
+                    conn,
+                    version: PROTOCOL_VERSION,
+                    name: format!("p{conn}"),
+                },
+                &mut out,
+            );
         }
         c.set_max_datagram(1, Some(1162));
         c.set_max_datagram(2, Some(1414));
@@ -494,7 +545,10 @@ mod tests {
             out.clear();
             let t = c.world().tick();
             for conn in 1..=2 {
-                let datagram = InputDatagram { snapshot_ack: Some(t), inputs: vec![] };
+                let datagram = InputDatagram {
+                    snapshot_ack: Some(t),
+                    inputs: vec![],
+                };
                 c.handle(CoreEvent::Input { conn, datagram }, &mut out);
             }
             c.tick(&mut out);
@@ -513,12 +567,42 @@ mod tests {
     fn shutdown_refuses_and_closes_everyone() {
         let mut c = core(4);
         let mut out = Vec::new();
-        c.handle(CoreEvent::Hello { conn: 1, version: PROTOCOL_VERSION, name: "a".into() }, &mut out);
+        c.handle(
+            CoreEvent::Hello {
+                conn: 1,
+                version: PROTOCOL_VERSION,
+                name: "a".into(),
+            },
+            &mut out,
+        );
         out.clear();
         c.shutdown(&mut out);
-        assert_eq!(out, vec![CoreOutput::CloseAfterFlush(1, close::SHUTDOWN, "server shutting down".into())]);
+        assert_eq!(
+            out,
+            vec![CoreOutput::CloseAfterFlush(
+                1,
+                close::SHUTDOWN,
+                "server shutting down".into()
+            )]
+        );
         out.clear();
-        c.handle(CoreEvent::Hello { conn: 2, version: PROTOCOL_VERSION, name: "b".into() }, &mut out);
-        assert!(matches!(&out[0], CoreOutput::Frame(2, ServerMsg::Refused { reason: RefuseReason::ShuttingDown, .. })));
+        c.handle(
+            CoreEvent::Hello {
+                conn: 2,
+                version: PROTOCOL_VERSION,
+                name: "b".into(),
+            },
+            &mut out,
+        );
+        assert!(matches!(
+            &out[0],
+            CoreOutput::Frame(
+                2,
+                ServerMsg::Refused {
+                    reason: RefuseReason::ShuttingDown,
+                    ..
+                }
+            )
+        ));
     }
 }

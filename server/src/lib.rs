@@ -12,7 +12,10 @@
 //! - [`stats`]: lock-free counters.
 
 // Tests may unwrap and index; library code may not (checked by the non-test build).
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod config;
 pub mod core;

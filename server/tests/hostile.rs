@@ -22,14 +22,20 @@ where
     assert!(count_datagrams(&bystander.conn, Duration::from_millis(300)).await > 5);
     let (attacker, _) = RawClient::join(&ep, ts.addr, "attacker").await;
     let attacker = attack(attacker).await;
-    let (got, reason) = attacker.closed().await.expect("attacker was not disconnected");
+    let (got, reason) = attacker
+        .closed()
+        .await
+        .expect("attacker was not disconnected");
     assert_eq!(got, u64::from(code), "close reason: {reason}");
     assert!(!reason.is_empty());
     // The bystander still gets snapshots and the server takes new players.
     assert!(count_datagrams(&bystander.conn, Duration::from_millis(300)).await > 5);
     let (late, w) = RawClient::join(&ep, ts.addr, "late").await;
     assert!(w.players.iter().any(|p| p.name == "bystander"));
-    assert!(!w.players.iter().any(|p| p.name == "attacker"), "the attacker left presence");
+    assert!(
+        !w.players.iter().any(|p| p.name == "attacker"),
+        "the attacker left presence"
+    );
     drop(late);
     let s = ts.server.shutdown().await;
     assert_eq!(s.datagrams_too_large, 0);
@@ -39,7 +45,9 @@ where
 async fn garbage_datagram() {
     attack_costs_only_the_attacker(
         |c| async move {
-            c.conn.send_datagram(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3].into()).unwrap();
+            c.conn
+                .send_datagram(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3].into())
+                .unwrap();
             c
         },
         close::PROTOCOL_VIOLATION,
@@ -65,7 +73,9 @@ async fn oversized_datagram() {
     attack_costs_only_the_attacker(
         |c| async move {
             let max = c.conn.max_datagram_size().unwrap();
-            c.conn.send_datagram(vec![0x01; max.min(1100)].into()).unwrap();
+            c.conn
+                .send_datagram(vec![0x01; max.min(1100)].into())
+                .unwrap();
             c
         },
         close::PROTOCOL_VIOLATION,
@@ -107,7 +117,10 @@ async fn oversized_frame() {
 async fn malformed_frame() {
     attack_costs_only_the_attacker(
         |mut c| async move {
-            c.send.write_all(&[0, 4, 0xee, 0xee, 0xee, 0xee]).await.unwrap();
+            c.send
+                .write_all(&[0, 4, 0xee, 0xee, 0xee, 0xee])
+                .await
+                .unwrap();
             c
         },
         close::PROTOCOL_VIOLATION,
@@ -117,7 +130,10 @@ async fn malformed_frame() {
 
 #[tokio::test]
 async fn refusals_are_clear() {
-    let ts = start(quicktick_server::ServerConfig { max_players: 1, ..test_config() });
+    let ts = start(quicktick_server::ServerConfig {
+        max_players: 1,
+        ..test_config()
+    });
     let ep = raw_endpoint(&ts.trust);
     for (version, name, want) in [
         (PROTOCOL_VERSION + 1, "v", RefuseReason::VersionMismatch),
@@ -125,17 +141,34 @@ async fn refusals_are_clear() {
         (PROTOCOL_VERSION, "", RefuseReason::BadName),
     ] {
         let mut c = RawClient::connect(&ep, ts.addr).await;
-        c.send_msg(&ClientMsg::Hello { version, name: name.into() }).await;
+        c.send_msg(&ClientMsg::Hello {
+            version,
+            name: name.into(),
+        })
+        .await;
         match c.next_msg().await {
             Some(ServerMsg::Refused { reason, detail }) => assert_eq!(reason, want, "{detail}"),
             other => panic!("expected refusal, got {other:?}"),
         }
-        assert_eq!(c.closed().await.map(|c| c.0), Some(u64::from(close::REFUSED)));
+        assert_eq!(
+            c.closed().await.map(|c| c.0),
+            Some(u64::from(close::REFUSED))
+        );
     }
     let (_first, _) = RawClient::join(&ep, ts.addr, "first").await;
     let mut c = RawClient::connect(&ep, ts.addr).await;
-    c.send_msg(&ClientMsg::Hello { version: PROTOCOL_VERSION, name: "second".into() }).await;
-    assert!(matches!(c.next_msg().await, Some(ServerMsg::Refused { reason: RefuseReason::ServerFull, .. })));
+    c.send_msg(&ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        name: "second".into(),
+    })
+    .await;
+    assert!(matches!(
+        c.next_msg().await,
+        Some(ServerMsg::Refused {
+            reason: RefuseReason::ServerFull,
+            ..
+        })
+    ));
     ts.server.shutdown().await;
 }
 

@@ -20,7 +20,10 @@
 //! - [`sim`]: the deterministic simulation step.
 
 // Tests may unwrap and index; library code may not (checked by the non-test build).
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod assembler;
 pub mod bits;

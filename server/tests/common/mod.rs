@@ -1,6 +1,11 @@
 //! Test helpers: start the real server in-process on 127.0.0.1:0 with a fresh development
 //! certificate, and a raw QUIC client that speaks the protocol by hand (to send hostile bytes).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quicktick_server::{config::ServerConfig, net::server_endpoint, tls, Server};
-use quicktick_shared::wire::{encode_frame, ClientMsg, FrameDecoder, ServerMsg, Welcome, ALPN, PROTOCOL_VERSION};
+use quicktick_shared::wire::{
+    encode_frame, ClientMsg, FrameDecoder, ServerMsg, Welcome, ALPN, PROTOCOL_VERSION,
+};
 use rustls_pki_types::CertificateDer;
 
 pub struct TestServer {
@@ -33,7 +40,10 @@ pub fn start(cfg: ServerConfig) -> TestServer {
     let dir = std::env::temp_dir().join(format!(
         "quicktick-test-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     ));
     let cert = tls::load_or_create_dev_cert(&dir).unwrap();
     let trust = cert.chain.clone();
@@ -41,7 +51,12 @@ pub fn start(cfg: ServerConfig) -> TestServer {
     let endpoint = server_endpoint("127.0.0.1:0".parse().unwrap(), cert, &cfg).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let server = Server::start(endpoint, cfg, map).unwrap();
-    TestServer { server, addr, trust, cert_path: tls::dev_paths(&dir).0 }
+    TestServer {
+        server,
+        addr,
+        trust,
+        cert_path: tls::dev_paths(&dir).0,
+    }
 }
 
 pub fn raw_endpoint(trust: &[CertificateDer<'static>]) -> quinn::Endpoint {
@@ -49,11 +64,13 @@ pub fn raw_endpoint(trust: &[CertificateDer<'static>]) -> quinn::Endpoint {
     for c in trust {
         roots.add(c.clone()).unwrap();
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
@@ -76,11 +93,19 @@ impl RawClient {
     pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr) -> Self {
         let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
-        Self { conn, send, recv, dec: FrameDecoder::new() }
+        Self {
+            conn,
+            send,
+            recv,
+            dec: FrameDecoder::new(),
+        }
     }
 
     pub async fn send_msg(&mut self, m: &ClientMsg) {
-        self.send.write_all(&encode_frame(m).unwrap()).await.unwrap();
+        self.send
+            .write_all(&encode_frame(m).unwrap())
+            .await
+            .unwrap();
     }
 
     /// The next server message, or None if the stream ended / 5 s passed.
@@ -99,7 +124,11 @@ impl RawClient {
 
     pub async fn join(ep: &quinn::Endpoint, addr: SocketAddr, name: &str) -> (Self, Welcome) {
         let mut c = Self::connect(ep, addr).await;
-        c.send_msg(&ClientMsg::Hello { version: PROTOCOL_VERSION, name: name.into() }).await;
+        c.send_msg(&ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: name.into(),
+        })
+        .await;
         match c.next_msg().await {
             Some(ServerMsg::Welcome(w)) => (c, w),
             other => panic!("expected welcome, got {other:?}"),
@@ -109,9 +138,10 @@ impl RawClient {
     /// Waits until the connection is closed and returns the application close code and reason.
     pub async fn closed(&self) -> Option<(u64, String)> {
         match tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await {
-            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-                Some((c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned()))
-            }
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some((
+                c.error_code.into_inner(),
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            )),
             Ok(other) => Some((u64::MAX, other.to_string())),
             Err(_) => None,
         }

@@ -1,0 +1,415 @@
+//! The swarm's end-of-run report (written as pretty JSON) and the pure computations behind it:
+//! aggregation of per-bot stats, the presence check and the chat-delivery check.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::client::ClientStats;
+use crate::lobby::ChatReceipts;
+
+/// Three RTT percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of a histogram of microseconds, as milliseconds (all 0 when empty).
+    #[must_use]
+    pub fn from_us(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            p50: ms(h.value_at_quantile(0.50)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// The end-of-run report. Counters are sums over all bots that connected, unless said otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Bots asked for (`--bots`).
+    pub bots_requested: u64,
+    /// Bots that completed the handshake.
+    pub bots_connected: u64,
+    /// Of which still connected at the end (before the swarm closed them).
+    pub bots_connected_at_end: u64,
+    /// Server tick rate from the welcome (0 when no bot joined).
+    pub tick_rate: u16,
+    /// Wall time from start to the end-of-run checks, seconds.
+    pub duration_s: f64,
+    /// Complete snapshots assembled.
+    pub snapshots_received: u64,
+    /// Bytes of all complete snapshots.
+    pub snapshot_bytes_total: u64,
+    /// Largest complete snapshot, bytes (max over bots).
+    pub snapshot_bytes_max: u64,
+    /// Complete keyframes.
+    pub keyframes_received: u64,
+    /// Complete deltas.
+    pub deltas_received: u64,
+    /// Snapshot datagrams received.
+    pub snapshot_parts_received: u64,
+    /// Parts for ticks not newer than the newest complete snapshot.
+    pub stale_parts: u64,
+    /// Parts received twice.
+    pub duplicate_parts: u64,
+    /// Datagrams refused as too large on send, or received larger than `max_datagram_size()`.
+    pub datagrams_too_large: u64,
+    /// Snapshot datagrams that failed to decode or apply.
+    pub decode_errors: u64,
+    /// Parts whose baseline was not held.
+    pub missing_baseline: u64,
+    /// Input datagrams sent.
+    pub inputs_sent: u64,
+    /// Input datagrams not sent for another reason.
+    pub input_send_errors: u64,
+    /// Bytes received, datagrams and stream.
+    pub bytes_received: u64,
+    /// Chat lines sent.
+    pub chat_sent: u64,
+    /// Chat lines received from other players (first copies).
+    pub chat_received: u64,
+    /// Lines received twice by the same bot.
+    pub chat_duplicates: u64,
+    /// Lines whose `seq` was not greater than the previous one a bot received.
+    pub chat_out_of_order: u64,
+    /// (line, bot) pairs where a line sent after the bot joined was echoed to its sender but not
+    /// received by that bot (bots connected at the end only).
+    pub chat_missing: u64,
+    /// `Error` frames from the server.
+    pub server_errors: u64,
+    /// Unexpected stream messages and presence anomalies.
+    pub protocol_anomalies: u64,
+    /// RTT percentiles over every 100 ms sample of every bot.
+    pub rtt_ms: Percentiles,
+    /// RTT samples taken.
+    pub rtt_samples: u64,
+    /// Bots whose roster differed from the set of swarm bots connected at the end.
+    pub presence_mismatches: u64,
+    /// Complete snapshots per second of the slowest bot (over its connected time).
+    pub snapshots_per_bot_per_s: f64,
+    /// Failed connection attempts.
+    pub connect_errors: u64,
+    /// Distinct connect error messages.
+    pub connect_error_messages: Vec<String>,
+    /// Distinct reasons of connections that closed before the swarm closed them.
+    pub close_reasons: Vec<String>,
+}
+
+/// What is known about one bot that connected, at the end of the run.
+#[derive(Debug, Clone)]
+pub struct BotOutcome {
+    /// Its counters.
+    pub stats: ClientStats,
+    /// From its welcome to the end-of-run checks.
+    pub connected_for: Duration,
+    /// Still connected then.
+    pub connected_at_end: bool,
+}
+
+/// Run-wide facts that are not per-bot sums.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    /// Bots asked for.
+    pub bots_requested: u64,
+    /// Server tick rate.
+    pub tick_rate: u16,
+    /// From start to the end-of-run checks.
+    pub duration: Duration,
+    /// One message per failed connection attempt.
+    pub connect_errors: Vec<String>,
+    /// One reason per connection that closed before the end.
+    pub close_reasons: Vec<String>,
+    /// From [`presence_mismatches`].
+    pub presence_mismatches: u64,
+    /// From [`chat_missing`].
+    pub chat_missing: u64,
+}
+
+fn distinct(v: &[String]) -> Vec<String> {
+    v.iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Builds the report from run facts and per-bot outcomes.
+#[must_use]
+pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
+    let mut r = Report {
+        bots_requested: facts.bots_requested,
+        bots_connected: bots.len() as u64,
+        tick_rate: facts.tick_rate,
+        duration_s: facts.duration.as_secs_f64(),
+        chat_missing: facts.chat_missing,
+        presence_mismatches: facts.presence_mismatches,
+        connect_errors: facts.connect_errors.len() as u64,
+        connect_error_messages: distinct(&facts.connect_errors),
+        close_reasons: distinct(&facts.close_reasons),
+        ..Report::default()
+    };
+    let mut rtt: Option<Histogram<u64>> = None;
+    let mut slowest: Option<f64> = None;
+    for b in bots {
+        let s = &b.stats;
+        let c = &s.session;
+        r.bots_connected_at_end += u64::from(b.connected_at_end);
+        r.snapshots_received += c.snapshots;
+        r.snapshot_bytes_total += c.snapshot_bytes;
+        r.snapshot_bytes_max = r.snapshot_bytes_max.max(c.snapshot_bytes_max);
+        r.keyframes_received += c.keyframes;
+        r.deltas_received += c.deltas;
+        r.snapshot_parts_received += c.parts;
+        r.stale_parts += c.stale_parts;
+        r.duplicate_parts += c.duplicate_parts;
+        r.decode_errors += c.decode_errors;
+        r.missing_baseline += c.missing_baseline;
+        r.datagrams_too_large += s.datagrams_too_large;
+        r.inputs_sent += s.input_datagrams_sent;
+        r.input_send_errors += s.datagram_send_errors;
+        r.bytes_received += s.datagram_bytes_received + s.stream_bytes_received;
+        r.chat_sent += s.chat_sent;
+        r.chat_received += s.chat_received_others;
+        r.chat_duplicates += s.chat_duplicates;
+        r.chat_out_of_order += s.chat_out_of_order;
+        r.server_errors += s.server_errors;
+        r.protocol_anomalies += s.protocol_anomalies;
+        match &mut rtt {
+            None => rtt = Some(s.rtt_us.clone()),
+            Some(h) => {
+                if h.add(&s.rtt_us).is_err() {
+                    tracing::warn!("RTT histograms with different bounds; one bot skipped");
+                }
+            }
+        }
+        let secs = b.connected_for.as_secs_f64();
+        let rate = if secs > 0.0 {
+            c.snapshots as f64 / secs
+        } else {
+            0.0
+        };
+        slowest = Some(slowest.map_or(rate, |m: f64| m.min(rate)));
+    }
+    if let Some(h) = &rtt {
+        r.rtt_ms = Percentiles::from_us(h);
+        r.rtt_samples = h.len();
+    }
+    r.snapshots_per_bot_per_s = slowest.unwrap_or(0.0);
+    r
+}
+
+/// How many of `rosters` (one per bot connected at the end, the names it sees) differ from
+/// `connected` (the names of the swarm's bots connected at the end). Only roster names starting with
+/// `run_prefix` (this run's bots) are compared, so other players on the server do not count.
+#[must_use]
+pub fn presence_mismatches(
+    rosters: &[BTreeSet<String>],
+    connected: &BTreeSet<String>,
+    run_prefix: &str,
+) -> u64 {
+    rosters
+        .iter()
+        .filter(|roster| {
+            let ours: BTreeSet<&String> = roster
+                .iter()
+                .filter(|n| n.starts_with(run_prefix))
+                .collect();
+            ours.len() != connected.len() || !connected.iter().all(|n| ours.contains(n))
+        })
+        .count() as u64
+}
+
+/// Chat lines that did not arrive: for every line a sender had echoed back (so the server accepted
+/// and sequenced it), every receiver (other than the sender) that joined before the line but does not
+/// have it counts once. `senders`: every bot that connected; `receivers`: the bots connected at the end.
+#[must_use]
+pub fn chat_missing(senders: &[&ChatReceipts], receivers: &[&ChatReceipts]) -> u64 {
+    let mut missing = 0;
+    for a in senders {
+        for &(seq, id) in &a.echoed {
+            missing += receivers
+                .iter()
+                .filter(|b| b.me != a.me && seq > b.joined_after_seq && !b.has(a.me, id))
+                .count() as u64;
+        }
+    }
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use quicktick_shared::client::ClientCounters;
+    use quicktick_shared::wire::ChatLine;
+
+    fn names(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn presence_is_compared_on_this_runs_bots() {
+        let connected = names(&["bot-7-0", "bot-7-1", "bot-7-2"]);
+        let rosters = [
+            names(&["bot-7-0", "bot-7-1", "bot-7-2"]),
+            names(&["bot-7-0", "bot-7-1", "bot-7-2", "alice", "bot-9-0"]), // others ignored
+            names(&["bot-7-0", "bot-7-1"]),                                // misses one
+            names(&["bot-7-0", "bot-7-1", "bot-7-2", "bot-7-3"]),          // a departed bot
+            names(&["bot-7-0", "bot-7-1", "bot-7-9"]),                     // same size, wrong one
+        ];
+        assert_eq!(presence_mismatches(&rosters, &connected, "bot-7-"), 3);
+        assert_eq!(presence_mismatches(&[], &connected, "bot-7-"), 0);
+    }
+
+    fn receipts(me: u32, joined_after: u64, lines: &[(u64, u32, u32)]) -> ChatReceipts {
+        let mut r = ChatReceipts::new(me, joined_after);
+        for &(seq, from, id) in lines {
+            r.record(&ChatLine {
+                seq,
+                from,
+                client_msg_id: id,
+                text: String::new(),
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn chat_missing_counts_pairs() {
+        // Bot 1 sent ids 1 (seq 1) and 2 (seq 4); bot 2 sent id 1 (seq 2); bot 3 joined after seq 2.
+        let a = receipts(1, 0, &[(1, 1, 1), (2, 2, 1), (4, 1, 2)]);
+        let b = receipts(2, 0, &[(1, 1, 1), (2, 2, 1)]); // misses 1/2
+        let c = receipts(3, 2, &[(4, 1, 2)]); // 1/1 and 2/1 predate it: not missing
+        let all = [&a, &b, &c];
+        assert_eq!(chat_missing(&all, &all), 1);
+        // A line never echoed to its sender is not counted, even if nobody got it.
+        let d = receipts(4, 0, &[]);
+        assert_eq!(chat_missing(&[&a, &b, &c, &d], &all), 1);
+        // A disconnected receiver does not count; a disconnected sender's lines still do.
+        assert_eq!(chat_missing(&all, &[&a, &c]), 0);
+        assert_eq!(chat_missing(&all, &[&b]), 1);
+    }
+
+    fn stats(snapshots: u64, bytes_max: u64, rtt_us: &[u64]) -> ClientStats {
+        let mut h = Histogram::new_with_bounds(1, crate::client::RTT_MAX_US, 2).unwrap();
+        for &v in rtt_us {
+            h.record(v).unwrap();
+        }
+        ClientStats {
+            session: ClientCounters {
+                snapshots,
+                keyframes: 1,
+                deltas: snapshots - 1,
+                snapshot_bytes: snapshots * 100,
+                snapshot_bytes_max: bytes_max,
+                parts: snapshots + 2,
+                decode_errors: 1,
+                missing_baseline: 2,
+                ..ClientCounters::default()
+            },
+            datagrams_received: snapshots + 2,
+            datagram_bytes_received: 1000,
+            stream_bytes_received: 24,
+            datagrams_too_large: 0,
+            input_datagrams_sent: 300,
+            datagram_send_errors: 0,
+            chat_sent: 3,
+            chat_received: 10,
+            chat_received_others: 7,
+            chat_duplicates: 1,
+            chat_out_of_order: 0,
+            server_errors: 0,
+            protocol_anomalies: 0,
+            rtt_us: h,
+        }
+    }
+
+    #[test]
+    fn aggregation_sums_and_takes_extremes() {
+        let bots = [
+            BotOutcome {
+                stats: stats(100, 500, &[1000; 99]),
+                connected_for: Duration::from_secs(10),
+                connected_at_end: true,
+            },
+            BotOutcome {
+                stats: stats(50, 900, &[3000]),
+                connected_for: Duration::from_secs(10),
+                connected_at_end: false,
+            },
+        ];
+        let facts = RunFacts {
+            bots_requested: 3,
+            tick_rate: 30,
+            duration: Duration::from_millis(10_500),
+            connect_errors: vec!["refused".into(), "refused".into()],
+            close_reasons: vec!["timed out".into(), "b".into(), "timed out".into()],
+            presence_mismatches: 1,
+            chat_missing: 4,
+        };
+        let r = aggregate(&facts, &bots);
+        assert_eq!(r.bots_requested, 3);
+        assert_eq!(r.bots_connected, 2);
+        assert_eq!(r.bots_connected_at_end, 1);
+        assert_eq!(r.snapshots_received, 150);
+        assert_eq!(r.snapshot_bytes_total, 15_000);
+        assert_eq!(r.snapshot_bytes_max, 900);
+        assert_eq!(r.keyframes_received, 2);
+        assert_eq!(r.deltas_received, 148);
+        assert_eq!(r.decode_errors, 2);
+        assert_eq!(r.missing_baseline, 4);
+        assert_eq!(r.inputs_sent, 600);
+        assert_eq!(r.bytes_received, 2048);
+        assert_eq!(r.chat_sent, 6);
+        assert_eq!(r.chat_received, 14);
+        assert_eq!(r.chat_duplicates, 2);
+        assert_eq!(r.chat_missing, 4);
+        assert_eq!(r.presence_mismatches, 1);
+        assert_eq!(r.connect_errors, 2);
+        assert_eq!(r.connect_error_messages, ["refused"]);
+        assert_eq!(r.close_reasons, ["b", "timed out"]);
+        assert_eq!(r.rtt_samples, 100);
+        assert!((r.rtt_ms.p50 - 1.0).abs() < 0.02);
+        assert!((r.rtt_ms.max - 3.0).abs() < 0.05);
+        assert!((r.snapshots_per_bot_per_s - 5.0).abs() < 1e-9);
+        assert!((r.duration_s - 10.5).abs() < 1e-9);
+        // Serializes with the documented keys, and reads back.
+        let json = serde_json::to_string_pretty(&r).unwrap();
+        for key in [
+            "\"bots_requested\"",
+            "\"rtt_ms\"",
+            "\"p99\"",
+            "\"snapshots_per_bot_per_s\"",
+            "\"close_reasons\"",
+        ] {
+            assert!(json.contains(key), "{key}");
+        }
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn empty_run_reports_zeros() {
+        let r = aggregate(&RunFacts::default(), &[]);
+        assert_eq!(r.snapshots_per_bot_per_s, 0.0);
+        assert_eq!(r.rtt_ms, Percentiles::default());
+        assert_eq!(r.bots_connected, 0);
+    }
+}

@@ -1,0 +1,562 @@
+//! The swarm runner behind the `quicktick-bot` binary: connects many bots over a few endpoints, drives
+//! their behaviour and chat, prints one progress line per second, and at the end checks presence and
+//! chat delivery, closes every bot and builds the [`Report`].
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use quicktick_shared::wire::valid_name;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::behaviour::{Rng, Wander};
+use crate::client::{Client, ClientOptions};
+use crate::endpoint::{client_endpoint, load_trust};
+use crate::report::{aggregate, chat_missing, presence_mismatches, BotOutcome, Report, RunFacts};
+
+/// Delay between the starts of two consecutive bots' connection attempts.
+pub const STAGGER: Duration = Duration::from_millis(2);
+/// How often a bot updates its input.
+pub const BEHAVIOUR_PERIOD: Duration = Duration::from_millis(100);
+/// Chat interval jitter (±30 %).
+pub const CHAT_JITTER: f64 = 0.3;
+/// Wait after chatting stops for lines still in flight, before the end-of-run checks.
+pub const CHAT_SETTLE: Duration = Duration::from_millis(1500);
+/// Chat lines each bot keeps as text (receipts cover every line regardless).
+pub const BOT_CHAT_LOG: usize = 16;
+/// How long the swarm waits for the endpoints to deliver the closes.
+const IDLE_WAIT: Duration = Duration::from_secs(2);
+
+/// Flags of `quicktick-bot`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "quicktick-bot",
+    version,
+    about = "Runs a swarm of quicktick bots against a server and reports what they saw"
+)]
+pub struct SwarmConfig {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub server: SocketAddr,
+    /// TLS server name to verify the certificate against.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Number of bots.
+    #[arg(long, default_value_t = 8)]
+    pub bots: usize,
+    /// Run time in seconds (default: until Ctrl-C).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Bot names are `<prefix>-<pid>-<n>`.
+    #[arg(long, default_value = "bot")]
+    pub name_prefix: String,
+    /// PEM certificate of the server to trust.
+    #[arg(long, default_value = "quicktick-dev-cert/cert.pem")]
+    pub cert: PathBuf,
+    /// Write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Each bot sends a chat line about this often, ±30 % (0: never).
+    #[arg(long, default_value_t = 3.0, value_name = "SECS")]
+    pub chat_every_secs: f64,
+    /// Bots sharing one endpoint (one UDP socket).
+    #[arg(long, default_value_t = 32)]
+    pub bots_per_endpoint: usize,
+    /// Runtime worker threads (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Connecting, moving, chatting.
+    Run,
+    /// Ending: no new connections, no chat; bots keep moving.
+    Quiet,
+    /// Bots stop.
+    Stop,
+}
+
+/// One bot's place in the swarm.
+#[derive(Debug)]
+enum Slot {
+    /// Not connected yet.
+    Connecting,
+    /// Joined at `at`.
+    Connected {
+        /// The client.
+        client: Client,
+        /// When the welcome arrived.
+        at: Instant,
+    },
+    /// The attempt failed.
+    Failed(String),
+}
+
+type Registry = Arc<Mutex<Vec<Slot>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn set_slot(reg: &Registry, i: usize, slot: Slot) {
+    if let Some(s) = lock(reg).get_mut(i) {
+        *s = slot;
+    }
+}
+
+/// The connected clients and when they joined.
+fn connected(reg: &Registry) -> Vec<(Client, Instant)> {
+    lock(reg)
+        .iter()
+        .filter_map(|s| match s {
+            Slot::Connected { client, at } => Some((client.clone(), *at)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The error of every failed connection attempt.
+fn failures(reg: &Registry) -> Vec<String> {
+    lock(reg)
+        .iter()
+        .filter_map(|s| match s {
+            Slot::Failed(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Validates the flags that clap cannot.
+fn check(cfg: &SwarmConfig) -> anyhow::Result<()> {
+    if cfg.bots == 0 {
+        bail!("--bots must be at least 1");
+    }
+    if cfg.bots_per_endpoint == 0 {
+        bail!("--bots-per-endpoint must be at least 1");
+    }
+    if let Some(d) = cfg.duration {
+        if !(d.is_finite() && d > 0.0) {
+            bail!("--duration must be a positive number of seconds");
+        }
+    }
+    if !(cfg.chat_every_secs.is_finite() && cfg.chat_every_secs >= 0.0) {
+        bail!("--chat-every-secs must be 0 or more");
+    }
+    Ok(())
+}
+
+/// The name of bot `n` in a run whose names start with `run_prefix`.
+#[must_use]
+pub fn bot_name(run_prefix: &str, n: usize) -> String {
+    format!("{run_prefix}{n}")
+}
+
+/// Runs the swarm until `cfg.duration` elapses, `shutdown` completes, or no bot is left connected;
+/// then does the end-of-run checks, closes every bot, writes `cfg.report` if set and returns the
+/// report. Fails when the certificate cannot be read, the flags are invalid, or no bot could connect.
+pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    check(&cfg)?;
+    let trust = load_trust(&cfg.cert)?;
+    let run_prefix = format!("{}-{}-", cfg.name_prefix, std::process::id());
+    let last_name = bot_name(&run_prefix, cfg.bots - 1);
+    if !valid_name(&last_name) {
+        bail!("bot name {last_name:?} is not a valid player name (too long or control characters)");
+    }
+    let bind: SocketAddr = if cfg.server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoints = (0..cfg.bots.div_ceil(cfg.bots_per_endpoint))
+        .map(|_| client_endpoint(bind, &trust))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let started = Instant::now();
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    let registry: Registry = Arc::new(Mutex::new(
+        (0..cfg.bots).map(|_| Slot::Connecting).collect(),
+    ));
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let cfg = Arc::new(cfg);
+    let mut bots = JoinSet::new();
+    for i in 0..cfg.bots {
+        let Some(endpoint) = endpoints.get(i / cfg.bots_per_endpoint) else {
+            break;
+        };
+        bots.spawn(bot(
+            i,
+            bot_name(&run_prefix, i),
+            endpoint.clone(),
+            cfg.clone(),
+            registry.clone(),
+            phase_rx.clone(),
+            seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
+    }
+    tracing::info!(
+        bots = cfg.bots,
+        endpoints = endpoints.len(),
+        server = %cfg.server,
+        "swarm starting"
+    );
+
+    // Main phase: progress once per second until the end.
+    let deadline = cfg.duration.map(|d| started + Duration::from_secs_f64(d));
+    let until_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_deadline);
+    tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut progress = Progress::new(started);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => { tracing::info!("interrupted"); break }
+            () = &mut until_deadline => break,
+            _ = ticker.tick() => {
+                let (pending, clients) = {
+                    let reg = lock(&registry);
+                    let pending = reg.iter().filter(|s| matches!(s, Slot::Connecting)).count();
+                    drop(reg);
+                    (pending, connected(&registry))
+                };
+                let line = progress.line(&clients, cfg.bots);
+                println!("{line}");
+                if pending == 0 && !clients.iter().any(|(c, _)| c.is_connected()) {
+                    tracing::warn!("no bot connected any more; ending the run");
+                    break;
+                }
+            }
+        }
+    }
+
+    // End of run: stop chatting and connecting, let chat in flight arrive, then check.
+    let _ = phase_tx.send(Phase::Quiet);
+    let joined = connected(&registry);
+    if joined.is_empty() {
+        let _ = phase_tx.send(Phase::Stop);
+        while bots.join_next().await.is_some() {}
+        for e in &endpoints {
+            e.close(0u32.into(), b"bye");
+        }
+        let errors = failures(&registry);
+        let first = errors.first().map_or("no attempt finished", String::as_str);
+        bail!("no bot could connect to {}: {first}", cfg.server);
+    }
+    tokio::time::sleep(CHAT_SETTLE).await;
+    let checked_at = Instant::now();
+    let (outcomes, facts) = check_end(&joined, checked_at, &run_prefix);
+    let _ = phase_tx.send(Phase::Stop);
+
+    let mut closing = JoinSet::new();
+    for (client, _) in &joined {
+        let c = client.clone();
+        closing.spawn(async move { c.close().await });
+    }
+    while closing.join_next().await.is_some() {}
+    drop(joined);
+    while bots.join_next().await.is_some() {}
+    let connect_errors = failures(&registry);
+    lock(&registry).clear();
+    for e in &endpoints {
+        let _ = tokio::time::timeout(IDLE_WAIT, e.wait_idle()).await;
+    }
+
+    let facts = RunFacts {
+        bots_requested: cfg.bots as u64,
+        duration: checked_at.duration_since(started),
+        connect_errors,
+        ..facts
+    };
+    let report = aggregate(&facts, &outcomes);
+    if let Some(path) = &cfg.report {
+        let json = serde_json::to_string_pretty(&report).context("cannot serialize the report")?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write report file {}", path.display()))?;
+    }
+    println!(
+        "done: {:.1}s bots {}/{} (at end {}) snapshots {} (slowest bot {:.1}/s) rtt p50 {:.2} ms \
+         p99 {:.2} ms chat sent {} recv {} missing {} dup {} presence mismatches {}",
+        report.duration_s,
+        report.bots_connected,
+        report.bots_requested,
+        report.bots_connected_at_end,
+        report.snapshots_received,
+        report.snapshots_per_bot_per_s,
+        report.rtt_ms.p50,
+        report.rtt_ms.p99,
+        report.chat_sent,
+        report.chat_received,
+        report.chat_missing,
+        report.chat_duplicates,
+        report.presence_mismatches,
+    );
+    Ok(report)
+}
+
+/// The connect error recorded for a bot whose attempt was cut short by the end of the run.
+const ABANDONED: &str = "run ended before the welcome";
+
+/// The end-of-run checks over every bot that joined: per-bot outcomes, and the run facts known from
+/// them (tick rate, close reasons, presence mismatches, missing chat).
+fn check_end(
+    joined: &[(Client, Instant)],
+    checked_at: Instant,
+    run_prefix: &str,
+) -> (Vec<BotOutcome>, RunFacts) {
+    let mut outcomes = Vec::with_capacity(joined.len());
+    let mut receipts = Vec::with_capacity(joined.len());
+    let mut rosters = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut close_reasons = Vec::new();
+    for (client, at) in joined {
+        let up = client.is_connected();
+        outcomes.push(BotOutcome {
+            stats: client.stats(),
+            connected_for: checked_at.saturating_duration_since(*at),
+            connected_at_end: up,
+        });
+        receipts.push((up, client.chat_receipts()));
+        if up {
+            names.insert(client.name().to_owned());
+            rosters.push(client.roster().into_iter().map(|p| p.name).collect());
+        } else if let Some(r) = client.close_reason() {
+            close_reasons.push(r);
+        }
+    }
+    let senders: Vec<_> = receipts.iter().map(|(_, r)| r).collect();
+    let receivers: Vec<_> = receipts
+        .iter()
+        .filter(|(up, _)| *up)
+        .map(|(_, r)| r)
+        .collect();
+    let facts = RunFacts {
+        tick_rate: joined.first().map_or(0, |(c, _)| c.welcome().tick_rate),
+        close_reasons,
+        presence_mismatches: presence_mismatches(&rosters, &names, run_prefix),
+        chat_missing: chat_missing(&senders, &receivers),
+        ..RunFacts::default()
+    };
+    (outcomes, facts)
+}
+
+/// Waits until the phase is at least `at_least`.
+async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase) {
+    let rank = |p: Phase| match p {
+        Phase::Run => 0,
+        Phase::Quiet => 1,
+        Phase::Stop => 2,
+    };
+    if phase
+        .wait_for(|p| rank(*p) >= rank(at_least))
+        .await
+        .is_err()
+    {
+        // The runner is gone: treat as stopped.
+    }
+}
+
+/// One bot: staggered connect, then behaviour and chat until the run stops or the connection ends.
+async fn bot(
+    i: usize,
+    name: String,
+    endpoint: quinn::Endpoint,
+    cfg: Arc<SwarmConfig>,
+    registry: Registry,
+    mut phase: watch::Receiver<Phase>,
+    seed: u64,
+) {
+    let options = ClientOptions {
+        chat_log_limit: BOT_CHAT_LOG,
+        ..ClientOptions::default()
+    };
+    let attempt = async {
+        tokio::time::sleep(STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX))).await;
+        Client::connect_with(&endpoint, cfg.server, &cfg.server_name, &name, options).await
+    };
+    let client = tokio::select! {
+        r = attempt => match r {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%name, "cannot connect: {e}");
+                set_slot(&registry, i, Slot::Failed(e.to_string()));
+                return;
+            }
+        },
+        () = reached(&mut phase, Phase::Quiet) => {
+            set_slot(&registry, i, Slot::Failed(ABANDONED.into()));
+            return;
+        }
+    };
+    set_slot(
+        &registry,
+        i,
+        Slot::Connected {
+            client: client.clone(),
+            at: Instant::now(),
+        },
+    );
+
+    let mut rng = Rng::new(seed);
+    let mut wander = Wander::new(rng.next_u64());
+    let chat_every =
+        (cfg.chat_every_secs > 0.0).then(|| Duration::from_secs_f64(cfg.chat_every_secs));
+    let start = Instant::now();
+    let mut next_chat = chat_every.map(|e| start + rng.jittered(e, CHAT_JITTER));
+    let mut lines = 0u32;
+    let avatar = client.welcome().avatar;
+    let mut interval = tokio::time::interval(BEHAVIOUR_PERIOD);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = reached(&mut phase, Phase::Stop) => return,
+        }
+        if !client.is_connected() {
+            tracing::info!(%name, reason = client.close_reason().unwrap_or_default(), "disconnected");
+            return;
+        }
+        let velocity = client.latest_snapshot().and_then(|s| {
+            s.get(avatar.index)
+                .filter(|e| e.id == avatar)
+                .map(|e| (e.qvx, e.qvy))
+        });
+        let input = wander.step(start.elapsed(), velocity);
+        client.set_input(input.move_x, input.move_y, input.aim, input.fire);
+
+        if let (Some(every), Some(at)) = (chat_every, next_chat) {
+            let now = Instant::now();
+            if now >= at && *phase.borrow() == Phase::Run {
+                lines += 1;
+                if let Err(e) = client.chat(&format!("{name} says hello #{lines}")) {
+                    tracing::debug!(%name, "chat not sent: {e}");
+                }
+                next_chat = Some(now + rng.jittered(every, CHAT_JITTER));
+            }
+        }
+    }
+}
+
+/// Totals from the previous progress line, to print rates.
+#[derive(Debug)]
+struct Progress {
+    /// The run's start.
+    started: Instant,
+    /// When the previous line was printed.
+    last_at: Instant,
+    /// Complete snapshots then (all bots).
+    last_snapshots: u64,
+    /// Bytes received then (all bots).
+    last_bytes: u64,
+}
+
+impl Progress {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            last_at: started,
+            last_snapshots: 0,
+            last_bytes: 0,
+        }
+    }
+
+    /// One progress line over every bot that joined.
+    fn line(&mut self, clients: &[(Client, Instant)], requested: usize) -> String {
+        let now = Instant::now();
+        let (mut snapshots, mut bytes, mut sent, mut received) = (0, 0, 0, 0);
+        let mut rtts = Vec::new();
+        let mut up = 0;
+        for (c, _) in clients {
+            let s = c.stats();
+            snapshots += s.session.snapshots;
+            bytes += s.datagram_bytes_received + s.stream_bytes_received;
+            sent += s.chat_sent;
+            received += s.chat_received_others;
+            if c.is_connected() {
+                up += 1;
+                rtts.push(c.connection().rtt());
+            }
+        }
+        rtts.sort_unstable();
+        let p50 = rtts.get(rtts.len() / 2).copied().unwrap_or_default();
+        let dt = now.duration_since(self.last_at).as_secs_f64().max(1e-3);
+        let line = format!(
+            "{:>7.1}s bots {up}/{requested} snapshots/s {:.0} in {:.1} kB/s rtt p50 {:.2} ms \
+             chat sent {sent} recv {received}",
+            now.duration_since(self.started).as_secs_f64(),
+            snapshots.saturating_sub(self.last_snapshots) as f64 / dt,
+            bytes.saturating_sub(self.last_bytes) as f64 / dt / 1000.0,
+            p50.as_secs_f64() * 1000.0,
+        );
+        self.last_at = now;
+        self.last_snapshots = snapshots;
+        self.last_bytes = bytes;
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let cfg = SwarmConfig::try_parse_from(["quicktick-bot"]).unwrap();
+        assert_eq!(cfg.server, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(cfg.bots, 8);
+        assert_eq!(cfg.duration, None);
+        assert_eq!(cfg.name_prefix, "bot");
+        assert_eq!(cfg.cert, PathBuf::from("quicktick-dev-cert/cert.pem"));
+        assert_eq!(cfg.chat_every_secs, 3.0);
+        assert_eq!(cfg.bots_per_endpoint, 32);
+        assert!(check(&cfg).is_ok());
+        let bad = SwarmConfig::try_parse_from(["quicktick-bot", "--bots", "0"]).unwrap();
+        assert!(check(&bad).is_err());
+        let bad = SwarmConfig::try_parse_from(["quicktick-bot", "--duration=-1"]).unwrap();
+        assert!(check(&bad).is_err());
+    }
+
+    #[test]
+    fn bot_names_are_valid_and_unique() {
+        let prefix = format!("bot-{}-", u32::MAX);
+        let names: BTreeSet<_> = (0..2000).map(|n| bot_name(&prefix, n)).collect();
+        assert_eq!(names.len(), 2000);
+        assert!(names
+            .iter()
+            .all(|n| valid_name(n) && n.starts_with(&prefix)));
+    }
+
+    #[tokio::test]
+    async fn missing_cert_is_a_one_line_error_naming_the_file() {
+        let cfg = SwarmConfig::try_parse_from([
+            "quicktick-bot",
+            "--cert",
+            "/nonexistent/qt/cert.pem",
+            "--duration",
+            "1",
+        ])
+        .unwrap();
+        let err = run(cfg, std::future::pending()).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("/nonexistent/qt/cert.pem"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+}
