@@ -360,7 +360,7 @@ impl ServerCore {
         self.counters.ticks += 1;
         let snap = Arc::new(self.world.snapshot());
         self.history.push(snap.clone());
-        let quant = *self.world.quant();
+        let codec = self.world.codec();
         for (conn, p) in &mut self.players {
             let Some(max) = p.max_datagram else { continue };
             self.scratch.clear();
@@ -368,7 +368,7 @@ impl ServerCore {
                 &snap,
                 &self.history,
                 &mut self.encoder,
-                &quant,
+                &codec,
                 max,
                 self.cfg.snapshot_history,
                 &mut self.scratch,

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::assembler::{Assembled, BaselineRing, SnapshotAssembler};
-use crate::delta::{apply_part, decode_part, ApplyError, DecodeError};
+use crate::delta::{apply_part, decode_part, ApplyError, Codec, DecodeError};
 use crate::input::{InputCmd, InputHistory};
-use crate::quant::PosQuant;
 use crate::snapshot::Snapshot;
 use crate::tick::Tick;
 use crate::wire::{InputDatagram, Welcome, WireError};
@@ -118,8 +117,8 @@ impl TickClock {
 pub struct ClientSession {
     /// What the server told us on joining.
     welcome: Welcome,
-    /// Position quantizer of the map.
-    quant: PosQuant,
+    /// Snapshot codec parameters (map grid, tick rate).
+    codec: Codec,
     /// Complete snapshots (possible baselines).
     baselines: BaselineRing,
     /// Incomplete split snapshots.
@@ -140,12 +139,16 @@ impl ClientSession {
     /// A session after `welcome` arrived at `now`.
     #[must_use]
     pub fn new(welcome: Welcome, now: Duration) -> Self {
-        let quant = PosQuant::new(welcome.map_width, welcome.map_height);
+        let codec = Codec::new(
+            welcome.map_width,
+            welcome.map_height,
+            u32::from(welcome.tick_rate),
+        );
         let clock = TickClock::new(u32::from(welcome.tick_rate), welcome.server_tick, now);
         let history = InputHistory::new(usize::from(welcome.input_redundancy));
         Self {
             welcome,
-            quant,
+            codec,
             baselines: BaselineRing::new(BASELINE_RING),
             assembler: SnapshotAssembler::new(),
             history,
@@ -192,7 +195,7 @@ impl ClientSession {
         now: Duration,
     ) -> Result<Option<Arc<Snapshot>>, ClientError> {
         self.counters.parts += 1;
-        let part = match decode_part(bytes, &self.quant) {
+        let part = match decode_part(bytes, &self.codec) {
             Ok(p) => p,
             Err(e) => {
                 self.counters.decode_errors += 1;
@@ -218,7 +221,7 @@ impl ClientSession {
                 }
             },
         };
-        let entities = match apply_part(baseline.as_deref(), &part, &self.quant) {
+        let entities = match apply_part(baseline.as_deref(), &part, &self.codec) {
             Ok(e) => e,
             Err(e) => {
                 self.counters.decode_errors += 1;

@@ -1,12 +1,16 @@
-//! Snapshot delta codec: encode a snapshot against a baseline into self-contained datagram parts, decode
-//! a part, and apply it to the baseline it names. The bit layout is specified in `docs/PROTOCOL.md`.
+//! Snapshot delta codec: encode a list of entity changes against a baseline into self-contained
+//! datagram parts, decode a part, and apply it to the baseline it names. The bit layout is specified
+//! in `docs/PROTOCOL.md` §5.
 //!
 //! A snapshot is split by entity-index range: part *k* covers indices `start..end` and carries every
 //! change in that range, so each part decodes and applies alone; the parts of one tick tile `0..65536`.
+//! Positions are coded as residuals from a prediction (baseline position + baseline velocity × age),
+//! velocities and yaw as residuals from the baseline; indices as gap codes or a bitmap, whichever is
+//! smaller for that part. An entity unchanged against the baseline costs nothing but its index gap.
 
 use crate::bits::{BitError, BitReader, BitWriter};
 use crate::entity::{EntityId, EntityKind, EntityState};
-use crate::quant::{PosQuant, VEL_BITS, YAW_BITS};
+use crate::quant::{PosQuant, POS_QUANTUM, VEL_BITS, VEL_QUANTUM, YAW_BITS};
 use crate::snapshot::Snapshot;
 use crate::tick::Tick;
 
@@ -17,13 +21,17 @@ pub const RANGE_END_ALL: u32 = 0x1_0000;
 /// Oldest baseline a delta may name, in ticks before the snapshot (8-bit offset on the wire).
 pub const MAX_BASELINE_AGE: u32 = 255;
 /// Upper bound of header bits: tick 32, baseline offset 8, input-ack flag+32, start 16, last-flag 1,
-/// end 16, count 16.
-pub const HEADER_MAX_BITS: usize = 32 + 8 + 1 + 32 + 16 + 1 + 16 + 16;
-/// Largest entry (a spawn with a 16-bit gap) for 20-bit coordinates, in bits.
-pub const ENTRY_MAX_BITS: usize =
-    19 + 2 + 16 + 2 + 20 + 20 + 2 * VEL_BITS as usize + YAW_BITS as usize + 8;
+/// end 16, count 16, index mode 1, bitmap span 16.
+pub const HEADER_MAX_BITS: usize = 32 + 8 + 1 + 32 + 16 + 1 + 16 + 16 + 1 + 16;
+/// Largest index code of one entry (a 16-bit gap), bits.
+pub const GAP_MAX_BITS: usize = 19;
+/// Largest entry body (a spawn with 20-bit coordinates), bits.
+pub const BODY_MAX_BITS: usize =
+    2 + 16 + 2 + 20 + 20 + 1 + 2 * VEL_BITS as usize + YAW_BITS as usize + 8;
 /// Most parts one snapshot may be split into (receivers refuse more).
 pub const MAX_PARTS: usize = 256;
+/// Position quanta moved per tick by one velocity quantum, times the tick rate.
+const POS_PER_VEL: i64 = (VEL_QUANTUM / POS_QUANTUM) as i64;
 
 const OP_UPDATE: u32 = 0;
 const OP_SPAWN: u32 = 1;
@@ -33,6 +41,41 @@ const F_POS: u32 = 1;
 const F_VEL: u32 = 2;
 const F_YAW: u32 = 4;
 const F_HEALTH: u32 = 8;
+
+/// Everything both sides must agree on to code snapshots: the position grid and the tick rate (the
+/// position prediction uses it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Codec {
+    /// Position quantizer of the map.
+    pub quant: PosQuant,
+    /// Ticks per second.
+    pub tick_rate: u32,
+}
+
+impl Codec {
+    /// The codec for a `width × height` map at `tick_rate`.
+    #[must_use]
+    pub fn new(width: f32, height: f32, tick_rate: u32) -> Self {
+        Self {
+            quant: PosQuant::new(width, height),
+            tick_rate: tick_rate.max(1),
+        }
+    }
+
+    /// Where an entity at baseline state `b` is predicted to be `age` ticks later (quantized,
+    /// clamped to the map): `b.pos + round(b.vel · age / tick_rate)` in integer arithmetic.
+    #[must_use]
+    pub fn predict_pos(&self, b: &EntityState, age: u32) -> (u32, u32) {
+        let rate = i64::from(self.tick_rate);
+        let step = |v: i32| {
+            let n = i64::from(v) * POS_PER_VEL * i64::from(age);
+            (n + n.signum() * (rate / 2)) / rate
+        };
+        let px = (i64::from(b.qx) + step(b.qvx)).clamp(0, i64::from(self.quant.max_qx));
+        let py = (i64::from(b.qy) + step(b.qvy)).clamp(0, i64::from(self.quant.max_qy));
+        (px as u32, py as u32)
+    }
+}
 
 /// Why a snapshot could not be encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +89,9 @@ pub enum EncodeError {
     /// The snapshot would need more than [`MAX_PARTS`] datagrams.
     #[error("snapshot needs more than {MAX_PARTS} parts")]
     TooManyParts,
+    /// Changes not in strictly increasing index order.
+    #[error("changes must be sorted by index without repeats")]
+    Unsorted,
 }
 
 /// Why a received snapshot part was refused.
@@ -77,9 +123,9 @@ pub enum ApplyError {
     /// An update or despawn names an index the baseline does not have.
     #[error("entity {0} is not in the baseline")]
     UnknownEntity(u16),
-    /// A position delta leaves the map.
-    #[error("entity {0} moved out of bounds")]
-    OutOfBounds(u16),
+    /// A position leaves the map or a velocity its range.
+    #[error("entity {0} has an out-of-range field")]
+    OutOfRange(u16),
 }
 
 /// The header of one snapshot part.
@@ -100,10 +146,30 @@ pub struct PartHeader {
 /// A position change in an update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PosChange {
-    /// Offset from the baseline position, in quanta.
-    Delta(i32, i32),
+    /// Offset from the predicted position, in quanta.
+    Residual(i32, i32),
     /// Absolute quantized position.
     Abs(u32, u32),
+}
+
+/// A velocity change in an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VelChange {
+    /// Offset from the baseline velocity, in quanta.
+    Residual(i32, i32),
+    /// At rest.
+    Zero,
+    /// Absolute quantized velocity.
+    Abs(i32, i32),
+}
+
+/// A yaw change in an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YawChange {
+    /// Offset from the baseline yaw in steps (wrapping), -8..=7.
+    Residual(i32),
+    /// Absolute yaw.
+    Abs(u16),
 }
 
 /// One decoded entity operation.
@@ -111,20 +177,20 @@ pub enum PosChange {
 pub enum EntityOp {
     /// A new entity (or a new generation in a reused slot) with its full state.
     Spawn(EntityState),
-    /// Changed fields of an entity the baseline holds.
+    /// Changed fields of an entity the baseline holds. A position not sent is the predicted one.
     Update {
         /// Slot index.
         index: u16,
-        /// New position, if changed.
+        /// Position residual or absolute position; `None`: exactly the prediction.
         pos: Option<PosChange>,
-        /// New quantized velocity, if changed.
-        vel: Option<(i32, i32)>,
+        /// New velocity, if changed.
+        vel: Option<VelChange>,
         /// New yaw, if changed.
-        yaw: Option<u16>,
+        yaw: Option<YawChange>,
         /// New health, if changed.
         health: Option<u8>,
     },
-    /// The entity in this slot is gone.
+    /// The entity in this slot is gone (from the world, or from this client's view).
     Despawn(u16),
 }
 
@@ -148,7 +214,7 @@ pub struct SnapshotPart {
     pub ops: Vec<EntityOp>,
 }
 
-/// What one call to [`SnapshotEncoder::encode`] produced.
+/// What one encode produced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EncodeStats {
     /// Datagrams written.
@@ -159,30 +225,104 @@ pub struct EncodeStats {
     pub changed: usize,
     /// True when no baseline was used.
     pub keyframe: bool,
+    /// Bits spent on part headers (including the kind byte and padding).
+    pub header_bits: usize,
+    /// Bits spent on entity indices (gap codes or bitmaps).
+    pub index_bits: usize,
+    /// Bits spent on entry bodies.
+    pub body_bits: usize,
+}
+
+/// One change of an entity between a baseline and a new state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change<'a> {
+    /// Not in the baseline (or a new generation / kind at its index): full state.
+    Spawn(&'a EntityState),
+    /// In both, with different state.
+    Update {
+        /// Baseline state.
+        base: &'a EntityState,
+        /// New state.
+        new: &'a EntityState,
+    },
+    /// In the baseline, not in the new snapshot.
+    Despawn(u16),
+}
+
+impl Change<'_> {
+    /// The slot index.
+    #[must_use]
+    pub fn index(&self) -> u16 {
+        match self {
+            Change::Spawn(n) | Change::Update { new: n, .. } => n.id.index,
+            Change::Despawn(i) => *i,
+        }
+    }
+}
+
+/// Classifies one index present in `base` and/or `new`; `None` when nothing changed.
+#[must_use]
+pub fn change<'a>(
+    base: Option<&'a EntityState>,
+    new: Option<&'a EntityState>,
+) -> Option<Change<'a>> {
+    match (base, new) {
+        (None, None) => None,
+        (Some(b), None) => Some(Change::Despawn(b.id.index)),
+        (None, Some(n)) => Some(Change::Spawn(n)),
+        (Some(b), Some(n)) if b.id != n.id || b.kind != n.kind => Some(Change::Spawn(n)),
+        (Some(b), Some(n)) if b == n => None,
+        (Some(b), Some(n)) => Some(Change::Update { base: b, new: n }),
+    }
+}
+
+/// Appends every change from `baseline` (none: a keyframe) to `new`, in index order.
+pub fn diff<'a>(baseline: Option<&'a Snapshot>, new: &'a Snapshot, out: &mut Vec<Change<'a>>) {
+    let base: &[EntityState] = baseline.map_or(&[], |b| b.entities.as_slice());
+    let (mut bi, mut ni) = (0usize, 0usize);
+    loop {
+        let (b, n) = match (base.get(bi), new.entities.get(ni)) {
+            (None, None) => break,
+            (Some(b), Some(n)) if b.id.index == n.id.index => {
+                bi += 1;
+                ni += 1;
+                (Some(b), Some(n))
+            }
+            (Some(b), Some(n)) if b.id.index < n.id.index => {
+                bi += 1;
+                (Some(b), None)
+            }
+            (Some(b), None) => {
+                bi += 1;
+                (Some(b), None)
+            }
+            (_, Some(n)) => {
+                ni += 1;
+                (None, Some(n))
+            }
+        };
+        if let Some(c) = change(b, n) {
+            out.push(c);
+        }
+    }
 }
 
 /// Reusable snapshot encoder (keeps its scratch buffers between calls).
 #[derive(Debug, Default)]
 pub struct SnapshotEncoder {
-    /// Body of the part being filled.
+    /// Bodies of the entries of the part being filled.
     body: BitWriter,
-    /// One entry, encoded before it is known to fit.
-    entry: BitWriter,
+    /// Indices of those entries.
+    indices: Vec<u16>,
+    /// Gap-code bits those indices need.
+    gap_bits: usize,
 }
 
-enum Change<'a> {
-    Spawn(&'a EntityState),
-    Update(&'a EntityState, &'a EntityState),
-    Despawn(u16),
-}
-
-impl Change<'_> {
-    fn index(&self) -> u16 {
-        match self {
-            Change::Spawn(n) | Change::Update(_, n) => n.id.index,
-            Change::Despawn(i) => *i,
-        }
-    }
+struct Frame {
+    tick: Tick,
+    baseline: Option<Tick>,
+    input_ack: Option<Tick>,
+    age: u32,
 }
 
 impl SnapshotEncoder {
@@ -192,156 +332,189 @@ impl SnapshotEncoder {
         Self::default()
     }
 
-    /// Encodes `new` against `baseline` (a keyframe when `None`) into datagrams of at most
-    /// `max_datagram` bytes each, appended to `out`.
+    /// Encodes `new` against `baseline` (a keyframe when `None`): every difference.
     pub fn encode(
         &mut self,
-        quant: &PosQuant,
+        codec: &Codec,
         new: &Snapshot,
         baseline: Option<&Snapshot>,
         input_ack: Option<Tick>,
         max_datagram: usize,
         out: &mut Vec<Vec<u8>>,
     ) -> Result<EncodeStats, EncodeError> {
-        let header_bits = HEADER_MAX_BITS + 8;
-        let budget_bits = max_datagram.saturating_mul(8).saturating_sub(header_bits);
-        if budget_bits < ENTRY_MAX_BITS {
+        let mut changes = Vec::new();
+        diff(baseline, new, &mut changes);
+        self.encode_changes(
+            codec,
+            new.tick,
+            baseline.map(|b| b.tick),
+            &changes,
+            input_ack,
+            max_datagram,
+            out,
+        )
+    }
+
+    /// Encodes the snapshot of `tick` as `changes` (sorted by index) against the baseline of
+    /// `baseline_tick` (`None`: a keyframe, and every change must be a spawn) into datagrams of at
+    /// most `max_datagram` bytes appended to `out`. Entities of the baseline without a change stay
+    /// as they are.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_changes(
+        &mut self,
+        codec: &Codec,
+        tick: Tick,
+        baseline_tick: Option<Tick>,
+        changes: &[Change<'_>],
+        input_ack: Option<Tick>,
+        max_datagram: usize,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<EncodeStats, EncodeError> {
+        let budget_bits = max_datagram
+            .saturating_mul(8)
+            .saturating_sub(HEADER_MAX_BITS + 8 + 7);
+        if budget_bits < GAP_MAX_BITS + BODY_MAX_BITS {
             return Err(EncodeError::DatagramTooSmall(max_datagram));
         }
-        if let Some(b) = baseline {
-            let age = new.tick.diff(b.tick);
-            if age < 1 || age as u32 > MAX_BASELINE_AGE {
-                return Err(EncodeError::BaselineOutOfRange);
+        let age = match baseline_tick {
+            Some(b) => {
+                let age = tick.diff(b);
+                if age < 1 || age as u32 > MAX_BASELINE_AGE {
+                    return Err(EncodeError::BaselineOutOfRange);
+                }
+                age as u32
             }
+            None => 0,
+        };
+        if changes
+            .windows(2)
+            .any(|w| matches!(w, [a, b] if a.index() >= b.index()))
+        {
+            return Err(EncodeError::Unsorted);
         }
+        let frame = Frame {
+            tick,
+            baseline: baseline_tick,
+            input_ack,
+            age,
+        };
         let first_out = out.len();
         let mut stats = EncodeStats {
-            keyframe: baseline.is_none(),
+            keyframe: baseline_tick.is_none(),
             ..EncodeStats::default()
         };
-        let mut part = PartState {
-            start: 0,
-            prev: -1,
-            count: 0,
-        };
-        self.body.clear();
-
-        let empty: &[EntityState] = &[];
-        let base = baseline.map_or(empty, |b| b.entities.as_slice());
-        let (mut bi, mut ni) = (0usize, 0usize);
-        loop {
-            let change = match (base.get(bi), new.entities.get(ni)) {
-                (None, None) => break,
-                (Some(b), None) => {
-                    bi += 1;
-                    Change::Despawn(b.id.index)
-                }
-                (None, Some(n)) => {
-                    ni += 1;
-                    Change::Spawn(n)
-                }
-                (Some(b), Some(n)) => {
-                    if b.id.index < n.id.index {
-                        bi += 1;
-                        Change::Despawn(b.id.index)
-                    } else if n.id.index < b.id.index {
-                        ni += 1;
-                        Change::Spawn(n)
-                    } else {
-                        bi += 1;
-                        ni += 1;
-                        if b.id.generation != n.id.generation || b.kind != n.kind {
-                            Change::Spawn(n)
-                        } else if b == n {
-                            continue;
-                        } else {
-                            Change::Update(b, n)
-                        }
-                    }
-                }
-            };
-            let index = change.index();
-            self.entry.clear();
-            write_entry(
-                &mut self.entry,
-                quant,
-                index as i32 - part.prev - 1,
-                &change,
-            );
-            if part.count > 0
-                && (self.body.bit_len() + self.entry.bit_len() > budget_bits
-                    || part.count == u16::MAX as usize)
+        let mut start = 0u32;
+        self.reset_part();
+        for c in changes {
+            let index = c.index();
+            let gap = gap_bits(self.gap_from(start, index));
+            let body = body_bits(codec, age, c);
+            if !self.indices.is_empty()
+                && self.gap_bits + gap + self.body.bit_len() + body > budget_bits
             {
                 if out.len() - first_out + 1 >= MAX_PARTS {
                     out.truncate(first_out);
                     return Err(EncodeError::TooManyParts);
                 }
-                let end = u32::from(index);
-                stats.bytes += self.flush(new.tick, baseline, input_ack, &part, end, out);
-                part = PartState {
-                    start: end,
-                    prev: i32::from(index) - 1,
-                    count: 0,
-                };
-                self.entry.clear();
-                write_entry(&mut self.entry, quant, 0, &change);
+                self.flush(&frame, start, u32::from(index), out, &mut stats);
+                start = u32::from(index);
             }
-            self.body.append(&self.entry);
-            part.count += 1;
-            part.prev = i32::from(index);
+            self.gap_bits += gap_bits(self.gap_from(start, index));
+            self.indices.push(index);
+            write_body(&mut self.body, codec, age, c);
             stats.changed += 1;
         }
-        stats.bytes += self.flush(new.tick, baseline, input_ack, &part, RANGE_END_ALL, out);
+        self.flush(&frame, start, RANGE_END_ALL, out, &mut stats);
         stats.parts = out.len() - first_out;
         Ok(stats)
     }
 
+    fn reset_part(&mut self) {
+        self.body.clear();
+        self.indices.clear();
+        self.gap_bits = 0;
+    }
+
+    fn gap_from(&self, start: u32, index: u16) -> u32 {
+        let prev = self
+            .indices
+            .last()
+            .map_or(i64::from(start) - 1, |p| i64::from(*p));
+        (i64::from(index) - prev - 1).max(0) as u32
+    }
+
     fn flush(
         &mut self,
-        tick: Tick,
-        baseline: Option<&Snapshot>,
-        input_ack: Option<Tick>,
-        part: &PartState,
+        f: &Frame,
+        start: u32,
         end: u32,
         out: &mut Vec<Vec<u8>>,
-    ) -> usize {
-        let mut h = BitWriter::with_capacity(16 + self.body.byte_len());
-        h.write(tick.0, 32);
-        h.write(baseline.map_or(0, |b| tick.diff(b.tick) as u32), 8);
-        match input_ack {
+        stats: &mut EncodeStats,
+    ) {
+        let span = self.indices.last().map_or(0, |l| u32::from(*l) + 1 - start);
+        let bitmap_bits = 16 + span as usize;
+        let use_bitmap = bitmap_bits < self.gap_bits;
+        let mut h = BitWriter::with_capacity(24 + self.body.byte_len());
+        h.write(f.tick.0, 32);
+        h.write(f.baseline.map_or(0, |_| f.age), 8);
+        match f.input_ack {
             Some(t) => {
                 h.write_bool(true);
                 h.write(t.0, 32);
             }
             None => h.write_bool(false),
         }
-        h.write(part.start, 16);
+        h.write(start, 16);
         if end == RANGE_END_ALL {
             h.write_bool(true);
         } else {
             h.write_bool(false);
             h.write(end, 16);
         }
-        h.write(part.count as u32, 16);
+        h.write(self.indices.len() as u32, 16);
+        h.write_bool(use_bitmap);
+        let header_bits = h.bit_len();
+        if use_bitmap {
+            h.write(span, 16);
+            let mut next = self.indices.iter().peekable();
+            for i in 0..span {
+                let hit = next.peek().is_some_and(|x| u32::from(**x) == start + i);
+                if hit {
+                    next.next();
+                }
+                h.write_bool(hit);
+            }
+        } else {
+            let mut prev = i64::from(start) - 1;
+            for &i in &self.indices {
+                write_gap(&mut h, (i64::from(i) - prev - 1) as u32);
+                prev = i64::from(i);
+            }
+        }
+        let index_bits = h.bit_len() - header_bits;
         h.append(&self.body);
         let mut bytes = Vec::with_capacity(1 + h.byte_len());
         bytes.push(DATAGRAM_SNAPSHOT);
         h.finish_into(&mut bytes);
-        self.body.clear();
-        let n = bytes.len();
+        stats.index_bits += index_bits;
+        stats.body_bits += self.body.bit_len();
+        stats.header_bits += bytes.len() * 8 - index_bits - self.body.bit_len();
+        stats.bytes += bytes.len();
         out.push(bytes);
-        n
+        self.reset_part();
     }
 }
 
-struct PartState {
-    start: u32,
-    prev: i32,
-    count: usize,
+fn gap_bits(g: u32) -> usize {
+    match g {
+        0 => 1,
+        1..=16 => 6,
+        17..=272 => 11,
+        _ => 19,
+    }
 }
 
-fn write_gap(w: &mut BitWriter, gap: i32) {
-    let g = gap.max(0) as u32;
+fn write_gap(w: &mut BitWriter, g: u32) {
     if g == 0 {
         w.write(0b0, 1);
     } else if g <= 16 {
@@ -369,63 +542,299 @@ fn read_gap(r: &mut BitReader<'_>) -> Result<u32, BitError> {
     r.read(16)
 }
 
-fn write_full(w: &mut BitWriter, quant: &PosQuant, n: &EntityState) {
-    w.write(u32::from(n.id.generation), 16);
-    w.write(n.kind.to_bits(), 2);
-    w.write(n.qx, quant.bits_x);
-    w.write(n.qy, quant.bits_y);
-    w.write_signed(n.qvx, VEL_BITS);
-    w.write_signed(n.qvy, VEL_BITS);
-    w.write(u32::from(n.yaw), YAW_BITS);
-    w.write(u32::from(n.health), 8);
+fn fits(v: i64, bits: u32) -> bool {
+    let lim = 1i64 << (bits - 1);
+    (-lim..lim).contains(&v)
 }
 
-fn write_entry(w: &mut BitWriter, quant: &PosQuant, gap: i32, change: &Change<'_>) {
-    write_gap(w, gap);
-    match change {
+fn yaw_delta(from: u16, to: u16) -> i32 {
+    let d = (i32::from(to) - i32::from(from)).rem_euclid(1 << YAW_BITS);
+    if d >= 1 << (YAW_BITS - 1) {
+        d - (1 << YAW_BITS)
+    } else {
+        d
+    }
+}
+
+/// The fields an update carries and how (shared by the size estimate and the writer).
+struct UpdatePlan {
+    mask: u32,
+    pos: Option<PosChange>,
+    vel: Option<VelChange>,
+    yaw: i32,
+}
+
+fn plan_update(codec: &Codec, age: u32, b: &EntityState, n: &EntityState) -> UpdatePlan {
+    let (px, py) = codec.predict_pos(b, age);
+    let pos = if (px, py) == (n.qx, n.qy) {
+        None
+    } else {
+        let dx = i64::from(n.qx) - i64::from(px);
+        let dy = i64::from(n.qy) - i64::from(py);
+        Some(if fits(dx, 8) && fits(dy, 8) {
+            PosChange::Residual(dx as i32, dy as i32)
+        } else {
+            PosChange::Abs(n.qx, n.qy)
+        })
+    };
+    let vel = if (b.qvx, b.qvy) == (n.qvx, n.qvy) {
+        None
+    } else if (n.qvx, n.qvy) == (0, 0) {
+        Some(VelChange::Zero)
+    } else {
+        let dx = i64::from(n.qvx) - i64::from(b.qvx);
+        let dy = i64::from(n.qvy) - i64::from(b.qvy);
+        Some(if fits(dx, 4) && fits(dy, 4) {
+            VelChange::Residual(dx as i32, dy as i32)
+        } else {
+            VelChange::Abs(n.qvx, n.qvy)
+        })
+    };
+    let mut mask = 0;
+    if pos.is_some() {
+        mask |= F_POS;
+    }
+    if vel.is_some() {
+        mask |= F_VEL;
+    }
+    if b.yaw != n.yaw {
+        mask |= F_YAW;
+    }
+    if b.health != n.health {
+        mask |= F_HEALTH;
+    }
+    UpdatePlan {
+        mask,
+        pos,
+        vel,
+        yaw: yaw_delta(b.yaw, n.yaw),
+    }
+}
+
+/// Bits of one entry's body (without its index code): what a budget needs to know.
+#[must_use]
+pub fn body_bits(codec: &Codec, age: u32, c: &Change<'_>) -> usize {
+    let q = &codec.quant;
+    match c {
+        Change::Despawn(_) => 2,
+        Change::Spawn(n) => {
+            let vel = if (n.qvx, n.qvy) == (0, 0) {
+                1
+            } else {
+                1 + 2 * VEL_BITS as usize
+            };
+            2 + 16 + 2 + q.bits_x as usize + q.bits_y as usize + vel + YAW_BITS as usize + 8
+        }
+        Change::Update { base, new } => {
+            let p = plan_update(codec, age, base, new);
+            let mut bits = 2 + 4;
+            bits += match p.pos {
+                None => 0,
+                Some(PosChange::Residual(dx, dy))
+                    if fits(i64::from(dx), 4) && fits(i64::from(dy), 4) =>
+                {
+                    1 + 8
+                }
+                Some(PosChange::Residual(..)) => 2 + 16,
+                Some(PosChange::Abs(..)) => 2 + q.bits_x as usize + q.bits_y as usize,
+            };
+            bits += match p.vel {
+                None => 0,
+                Some(VelChange::Residual(..)) => 1 + 8,
+                Some(VelChange::Zero) => 2,
+                Some(VelChange::Abs(..)) => 2 + 2 * VEL_BITS as usize,
+            };
+            if p.mask & F_YAW != 0 {
+                bits += if fits(i64::from(p.yaw), 4) {
+                    5
+                } else {
+                    1 + YAW_BITS as usize
+                };
+            }
+            if p.mask & F_HEALTH != 0 {
+                bits += 8;
+            }
+            bits
+        }
+    }
+}
+
+/// Bits of one entry including the largest index code: a safe upper bound for budgeting.
+#[must_use]
+pub fn entry_bits_max(codec: &Codec, age: u32, c: &Change<'_>) -> usize {
+    GAP_MAX_BITS + body_bits(codec, age, c)
+}
+
+fn write_body(w: &mut BitWriter, codec: &Codec, age: u32, c: &Change<'_>) {
+    let q = &codec.quant;
+    match c {
+        Change::Despawn(_) => w.write(OP_DESPAWN, 2),
         Change::Spawn(n) => {
             w.write(OP_SPAWN, 2);
-            write_full(w, quant, n);
-        }
-        Change::Despawn(_) => w.write(OP_DESPAWN, 2),
-        Change::Update(b, n) => {
-            w.write(OP_UPDATE, 2);
-            let pos = b.qx != n.qx || b.qy != n.qy;
-            let vel = b.qvx != n.qvx || b.qvy != n.qvy;
-            let mask = u32::from(pos) * F_POS
-                + u32::from(vel) * F_VEL
-                + u32::from(b.yaw != n.yaw) * F_YAW
-                + u32::from(b.health != n.health) * F_HEALTH;
-            w.write(mask, 4);
-            if pos {
-                let dx = n.qx as i64 - b.qx as i64;
-                let dy = n.qy as i64 - b.qy as i64;
-                if (-128..=127).contains(&dx) && (-128..=127).contains(&dy) {
-                    w.write_bool(true);
-                    w.write_signed(dx as i32, 8);
-                    w.write_signed(dy as i32, 8);
-                } else {
-                    w.write_bool(false);
-                    w.write(n.qx, quant.bits_x);
-                    w.write(n.qy, quant.bits_y);
-                }
-            }
-            if vel {
+            w.write(u32::from(n.id.generation), 16);
+            w.write(n.kind.to_bits(), 2);
+            w.write(n.qx, q.bits_x);
+            w.write(n.qy, q.bits_y);
+            if (n.qvx, n.qvy) == (0, 0) {
+                w.write_bool(false);
+            } else {
+                w.write_bool(true);
                 w.write_signed(n.qvx, VEL_BITS);
                 w.write_signed(n.qvy, VEL_BITS);
             }
-            if mask & F_YAW != 0 {
-                w.write(u32::from(n.yaw), YAW_BITS);
+            w.write(u32::from(n.yaw), YAW_BITS);
+            w.write(u32::from(n.health), 8);
+        }
+        Change::Update { base, new } => {
+            let p = plan_update(codec, age, base, new);
+            w.write(OP_UPDATE, 2);
+            w.write(p.mask, 4);
+            match p.pos {
+                Some(PosChange::Residual(dx, dy))
+                    if fits(i64::from(dx), 4) && fits(i64::from(dy), 4) =>
+                {
+                    w.write_bool(true);
+                    w.write_signed(dx, 4);
+                    w.write_signed(dy, 4);
+                }
+                Some(PosChange::Residual(dx, dy)) => {
+                    w.write(0b10, 2); // '0','1'
+                    w.write_signed(dx, 8);
+                    w.write_signed(dy, 8);
+                }
+                Some(PosChange::Abs(x, y)) => {
+                    w.write(0b00, 2); // '0','0'
+                    w.write(x, q.bits_x);
+                    w.write(y, q.bits_y);
+                }
+                None => {}
             }
-            if mask & F_HEALTH != 0 {
-                w.write(u32::from(n.health), 8);
+            match p.vel {
+                Some(VelChange::Residual(dx, dy)) => {
+                    w.write_bool(true);
+                    w.write_signed(dx, 4);
+                    w.write_signed(dy, 4);
+                }
+                Some(VelChange::Zero) => w.write(0b10, 2), // '0','1'
+                Some(VelChange::Abs(x, y)) => {
+                    w.write(0b00, 2); // '0','0'
+                    w.write_signed(x, VEL_BITS);
+                    w.write_signed(y, VEL_BITS);
+                }
+                None => {}
+            }
+            if p.mask & F_YAW != 0 {
+                if fits(i64::from(p.yaw), 4) {
+                    w.write_bool(true);
+                    w.write_signed(p.yaw, 4);
+                } else {
+                    w.write_bool(false);
+                    w.write(u32::from(new.yaw), YAW_BITS);
+                }
+            }
+            if p.mask & F_HEALTH != 0 {
+                w.write(u32::from(new.health), 8);
             }
         }
     }
 }
 
+fn read_abs_pos(r: &mut BitReader<'_>, q: &PosQuant) -> Result<(u32, u32), DecodeError> {
+    let qx = r.read(q.bits_x)?;
+    let qy = r.read(q.bits_y)?;
+    if qx > q.max_qx || qy > q.max_qy {
+        return Err(DecodeError::Malformed("position out of bounds"));
+    }
+    Ok((qx, qy))
+}
+
+fn read_body(
+    r: &mut BitReader<'_>,
+    codec: &Codec,
+    index: u16,
+    keyframe: bool,
+) -> Result<EntityOp, DecodeError> {
+    let q = &codec.quant;
+    Ok(match r.read(2)? {
+        OP_SPAWN => {
+            let generation = r.read(16)? as u16;
+            let kind =
+                EntityKind::from_bits(r.read(2)?).ok_or(DecodeError::Malformed("entity kind"))?;
+            let (qx, qy) = read_abs_pos(r, q)?;
+            let (qvx, qvy) = if r.read_bool()? {
+                (r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?)
+            } else {
+                (0, 0)
+            };
+            EntityOp::Spawn(EntityState {
+                id: EntityId { index, generation },
+                kind,
+                qx,
+                qy,
+                qvx,
+                qvy,
+                yaw: r.read(YAW_BITS)? as u16,
+                health: r.read(8)? as u8,
+            })
+        }
+        OP_DESPAWN if !keyframe => EntityOp::Despawn(index),
+        OP_UPDATE if !keyframe => {
+            // Mask 0 is valid: the entity moved exactly as predicted from its baseline velocity.
+            let mask = r.read(4)?;
+            let pos = if mask & F_POS != 0 {
+                Some(if r.read_bool()? {
+                    PosChange::Residual(r.read_signed(4)?, r.read_signed(4)?)
+                } else if r.read_bool()? {
+                    PosChange::Residual(r.read_signed(8)?, r.read_signed(8)?)
+                } else {
+                    let (x, y) = read_abs_pos(r, q)?;
+                    PosChange::Abs(x, y)
+                })
+            } else {
+                None
+            };
+            let vel = if mask & F_VEL != 0 {
+                Some(if r.read_bool()? {
+                    VelChange::Residual(r.read_signed(4)?, r.read_signed(4)?)
+                } else if r.read_bool()? {
+                    VelChange::Zero
+                } else {
+                    VelChange::Abs(r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?)
+                })
+            } else {
+                None
+            };
+            let yaw = if mask & F_YAW != 0 {
+                Some(if r.read_bool()? {
+                    YawChange::Residual(r.read_signed(4)?)
+                } else {
+                    YawChange::Abs(r.read(YAW_BITS)? as u16)
+                })
+            } else {
+                None
+            };
+            let health = if mask & F_HEALTH != 0 {
+                Some(r.read(8)? as u8)
+            } else {
+                None
+            };
+            EntityOp::Update {
+                index,
+                pos,
+                vel,
+                yaw,
+                health,
+            }
+        }
+        OP_DESPAWN | OP_UPDATE => {
+            return Err(DecodeError::Malformed("update or despawn in a keyframe"))
+        }
+        _ => return Err(DecodeError::Malformed("reserved entity op")),
+    })
+}
+
 /// Decodes one snapshot datagram (including its kind byte). Never panics on any input.
-pub fn decode_part(bytes: &[u8], quant: &PosQuant) -> Result<SnapshotPart, DecodeError> {
+pub fn decode_part(bytes: &[u8], codec: &Codec) -> Result<SnapshotPart, DecodeError> {
     let (&kind, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
     if kind != DATAGRAM_SNAPSHOT {
         return Err(DecodeError::WrongKind);
@@ -456,84 +865,41 @@ pub fn decode_part(bytes: &[u8], quant: &PosQuant) -> Result<SnapshotPart, Decod
     if count * 3 > r.remaining_bits() {
         return Err(DecodeError::Truncated);
     }
-    let mut ops = Vec::with_capacity(count);
-    let mut prev = i64::from(range_start) - 1;
-    for _ in 0..count {
-        let index = prev + 1 + i64::from(read_gap(&mut r)?);
-        if index >= i64::from(range_end) {
+    let mut indices: Vec<u16> = Vec::with_capacity(count);
+    if r.read_bool()? {
+        let span = r.read(16)?;
+        if span > range_end - range_start || span as usize > r.remaining_bits() {
+            return Err(DecodeError::Malformed("bitmap span"));
+        }
+        for i in 0..span {
+            if r.read_bool()? {
+                if indices.len() == count {
+                    return Err(DecodeError::Malformed("bitmap has more entries than count"));
+                }
+                indices.push((range_start + i) as u16);
+            }
+        }
+        if indices.len() != count {
             return Err(DecodeError::Malformed(
-                "entity index outside the part's range",
+                "bitmap has fewer entries than count",
             ));
         }
-        prev = index;
-        let index = index as u16;
-        let op = match r.read(2)? {
-            OP_SPAWN => {
-                let generation = r.read(16)? as u16;
-                let kind = EntityKind::from_bits(r.read(2)?)
-                    .ok_or(DecodeError::Malformed("entity kind"))?;
-                let qx = r.read(quant.bits_x)?;
-                let qy = r.read(quant.bits_y)?;
-                if qx > quant.max_qx || qy > quant.max_qy {
-                    return Err(DecodeError::Malformed("position out of bounds"));
-                }
-                EntityOp::Spawn(EntityState {
-                    id: EntityId { index, generation },
-                    kind,
-                    qx,
-                    qy,
-                    qvx: r.read_signed(VEL_BITS)?,
-                    qvy: r.read_signed(VEL_BITS)?,
-                    yaw: r.read(YAW_BITS)? as u16,
-                    health: r.read(8)? as u8,
-                })
+    } else {
+        let mut prev = i64::from(range_start) - 1;
+        for _ in 0..count {
+            let index = prev + 1 + i64::from(read_gap(&mut r)?);
+            if index >= i64::from(range_end) {
+                return Err(DecodeError::Malformed(
+                    "entity index outside the part's range",
+                ));
             }
-            OP_DESPAWN => EntityOp::Despawn(index),
-            OP_UPDATE => {
-                let mask = r.read(4)?;
-                if mask == 0 {
-                    return Err(DecodeError::Malformed("update with no changed field"));
-                }
-                let pos = if mask & F_POS != 0 {
-                    Some(if r.read_bool()? {
-                        PosChange::Delta(r.read_signed(8)?, r.read_signed(8)?)
-                    } else {
-                        let qx = r.read(quant.bits_x)?;
-                        let qy = r.read(quant.bits_y)?;
-                        if qx > quant.max_qx || qy > quant.max_qy {
-                            return Err(DecodeError::Malformed("position out of bounds"));
-                        }
-                        PosChange::Abs(qx, qy)
-                    })
-                } else {
-                    None
-                };
-                let vel = if mask & F_VEL != 0 {
-                    Some((r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?))
-                } else {
-                    None
-                };
-                let yaw = if mask & F_YAW != 0 {
-                    Some(r.read(YAW_BITS)? as u16)
-                } else {
-                    None
-                };
-                let health = if mask & F_HEALTH != 0 {
-                    Some(r.read(8)? as u8)
-                } else {
-                    None
-                };
-                EntityOp::Update {
-                    index,
-                    pos,
-                    vel,
-                    yaw,
-                    health,
-                }
-            }
-            _ => return Err(DecodeError::Malformed("reserved entity op")),
-        };
-        ops.push(op);
+            prev = index;
+            indices.push(index as u16);
+        }
+    }
+    let mut ops = Vec::with_capacity(count);
+    for index in indices {
+        ops.push(read_body(&mut r, codec, index, baseline.is_none())?);
     }
     if r.remaining_bits() >= 8 {
         return Err(DecodeError::Malformed("trailing bytes"));
@@ -555,16 +921,17 @@ pub fn decode_part(bytes: &[u8], quant: &PosQuant) -> Result<SnapshotPart, Decod
 pub fn apply_part(
     baseline: Option<&Snapshot>,
     part: &SnapshotPart,
-    quant: &PosQuant,
+    codec: &Codec,
 ) -> Result<Vec<EntityState>, ApplyError> {
     let h = &part.header;
-    let base: &[EntityState] = match h.baseline {
-        None => &[],
+    let (base, age): (&[EntityState], u32) = match h.baseline {
+        None => (&[], 0),
         Some(t) => match baseline {
-            Some(b) if b.tick == t => b.range(h.range_start, h.range_end),
+            Some(b) if b.tick == t => (b.range(h.range_start, h.range_end), h.tick.diff(t) as u32),
             _ => return Err(ApplyError::MissingBaseline(t)),
         },
     };
+    let q = &codec.quant;
     let mut out = Vec::with_capacity(base.len() + part.ops.len());
     let mut bi = 0usize;
     for op in &part.ops {
@@ -591,23 +958,36 @@ pub fn apply_part(
                 Some(b),
             ) => {
                 let mut e = *b;
-                match pos {
-                    Some(PosChange::Abs(x, y)) => (e.qx, e.qy) = (*x, *y),
-                    Some(PosChange::Delta(dx, dy)) => {
-                        let x = e.qx.checked_add_signed(*dx).filter(|x| *x <= quant.max_qx);
-                        let y = e.qy.checked_add_signed(*dy).filter(|y| *y <= quant.max_qy);
-                        match (x, y) {
-                            (Some(x), Some(y)) => (e.qx, e.qy) = (x, y),
-                            _ => return Err(ApplyError::OutOfBounds(index)),
+                let (px, py) = codec.predict_pos(b, age);
+                (e.qx, e.qy) = match pos {
+                    None => (px, py),
+                    Some(PosChange::Abs(x, y)) => (*x, *y),
+                    Some(PosChange::Residual(dx, dy)) => {
+                        match (px.checked_add_signed(*dx), py.checked_add_signed(*dy)) {
+                            (Some(x), Some(y)) if x <= q.max_qx && y <= q.max_qy => (x, y),
+                            _ => return Err(ApplyError::OutOfRange(index)),
                         }
                     }
+                };
+                match vel {
                     None => {}
+                    Some(VelChange::Zero) => (e.qvx, e.qvy) = (0, 0),
+                    Some(VelChange::Abs(x, y)) => (e.qvx, e.qvy) = (*x, *y),
+                    Some(VelChange::Residual(dx, dy)) => {
+                        let lim = crate::quant::VEL_MAX_Q;
+                        let (x, y) = (e.qvx + dx, e.qvy + dy);
+                        if x.abs() > lim || y.abs() > lim {
+                            return Err(ApplyError::OutOfRange(index));
+                        }
+                        (e.qvx, e.qvy) = (x, y);
+                    }
                 }
-                if let Some((vx, vy)) = vel {
-                    (e.qvx, e.qvy) = (*vx, *vy);
-                }
-                if let Some(y) = yaw {
-                    e.yaw = *y;
+                match yaw {
+                    None => {}
+                    Some(YawChange::Abs(y)) => e.yaw = *y,
+                    Some(YawChange::Residual(d)) => {
+                        e.yaw = (i32::from(e.yaw) + d).rem_euclid(1 << YAW_BITS) as u16
+                    }
                 }
                 if let Some(hp) = health {
                     e.health = *hp;

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::delta::{EncodeError, EncodeStats, SnapshotEncoder};
+use crate::delta::{Codec, EncodeError, EncodeStats, SnapshotEncoder};
 use crate::entity::EntityId;
 use crate::input::InputBuffer;
-use crate::quant::PosQuant;
 use crate::snapshot::{Snapshot, SnapshotHistory};
 use crate::tick::Tick;
 use crate::wire::InputDatagram;
@@ -108,7 +107,7 @@ impl ServerSession {
         snap: &Arc<Snapshot>,
         history: &SnapshotHistory,
         encoder: &mut SnapshotEncoder,
-        quant: &PosQuant,
+        codec: &Codec,
         max_datagram: usize,
         max_age: u32,
         out: &mut Vec<Vec<u8>>,
@@ -118,7 +117,7 @@ impl ServerSession {
             .and_then(|t| history.get(t));
         let input_ack = self.inputs.newest_received();
         let stats = encoder.encode(
-            quant,
+            codec,
             snap,
             baseline.map(|b| b.as_ref()),
             input_ack,

@@ -7,6 +7,7 @@
 
 use glam::Vec2;
 
+use crate::delta::Codec;
 use crate::entity::{EntityId, EntityKind, EntityState};
 use crate::input::InputCmd;
 use crate::map::Map;
@@ -184,6 +185,15 @@ impl World {
     #[must_use]
     pub fn quant(&self) -> &PosQuant {
         &self.quant
+    }
+
+    /// The snapshot codec parameters for this world (map grid, tick rate).
+    #[must_use]
+    pub fn codec(&self) -> Codec {
+        Codec {
+            quant: self.quant,
+            tick_rate: self.cfg.tick_rate.max(1),
+        }
     }
 
     /// Tick of the current state.

@@ -174,14 +174,14 @@ impl Harness {
         self.world.step(&inputs, &mut events);
         let snap = Arc::new(self.world.snapshot());
         self.history.push(snap.clone());
-        let quant = *self.world.quant();
+        let codec = self.world.codec();
         for (server, _, down, _) in &mut self.clients {
             let mut out = Vec::new();
             let stats = server.encode_snapshot(
                 &snap,
                 &self.history,
                 &mut self.encoder,
-                &quant,
+                &codec,
                 self.mtu,
                 MAX_BASELINE_AGE,
                 &mut out,
@@ -331,15 +331,15 @@ fn hostile_snapshot_bytes_never_panic() {
     let snap = h.server_snapshot().clone();
     let mut enc = SnapshotEncoder::new();
     let mut out = Vec::new();
-    let quant = *h.world.quant();
+    let codec = h.world.codec();
     assert!(enc
-        .encode(&quant, &snap, None, None, 1162, &mut out)
+        .encode(&codec, &snap, None, None, 1162, &mut out)
         .is_ok());
     let good = out.first().cloned().unwrap_or_default();
     let mut rng = Rng::new(5);
     let mut client = ClientSession::new(h.clients[0].1.welcome().clone(), Duration::ZERO);
     for n in 0..good.len() {
-        let _ = decode_part(good.get(..n).unwrap_or_default(), &quant);
+        let _ = decode_part(good.get(..n).unwrap_or_default(), &codec);
     }
     for _ in 0..20_000 {
         let mut b = good.clone();
@@ -371,7 +371,7 @@ fn despawn_and_respawn_in_one_tick_is_exact() {
         yaw: 0,
         health: 100,
     };
-    let quant = crate::quant::PosQuant::new(100.0, 100.0);
+    let codec = crate::delta::Codec::new(100.0, 100.0, 60);
     let base = Snapshot {
         tick: Tick(65535),
         entities: vec![e(0, 1, 5), e(1, 1, 6), e(7, 3, 7)],
@@ -381,24 +381,24 @@ fn despawn_and_respawn_in_one_tick_is_exact() {
         entities: vec![e(0, 1, 5), e(1, 2, 6), e(9, 1, 100)],
     };
     let mut out = Vec::new();
-    let stats = SnapshotEncoder::new().encode(&quant, &new, Some(&base), None, 1162, &mut out);
+    let stats = SnapshotEncoder::new().encode(&codec, &new, Some(&base), None, 1162, &mut out);
     assert_eq!(stats.map(|s| s.changed), Ok(3)); // slot 1 replaced, 7 despawned, 9 spawned
-    let part = decode_part(out.first().map_or(&[][..], |v| v.as_slice()), &quant)
+    let part = decode_part(out.first().map_or(&[][..], |v| v.as_slice()), &codec)
         .unwrap_or_else(|e| panic!("{e}"));
-    let applied = apply_part(Some(&base), &part, &quant).unwrap_or_else(|e| panic!("{e}"));
+    let applied = apply_part(Some(&base), &part, &codec).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(applied, new.entities);
     // The same part applied to a baseline the receiver does not hold is refused.
     let other = Snapshot {
         tick: Tick(65534),
         ..base
     };
-    assert!(apply_part(Some(&other), &part, &quant).is_err());
+    assert!(apply_part(Some(&other), &part, &codec).is_err());
 }
 
 #[test]
 fn unchanged_world_costs_header_only() {
     use crate::entity::{EntityKind, EntityState};
-    let quant = crate::quant::PosQuant::new(100.0, 100.0);
+    let codec = crate::delta::Codec::new(100.0, 100.0, 60);
     let entities: Vec<EntityState> = (0..1000u16)
         .map(|i| EntityState {
             id: EntityId {
@@ -423,6 +423,6 @@ fn unchanged_world_costs_header_only() {
         entities,
     };
     let mut out = Vec::new();
-    let stats = SnapshotEncoder::new().encode(&quant, &b, Some(&a), None, 1162, &mut out);
+    let stats = SnapshotEncoder::new().encode(&codec, &b, Some(&a), None, 1162, &mut out);
     assert_eq!(stats.map(|s| (s.parts, s.bytes <= 17)), Ok((1, true)));
 }
