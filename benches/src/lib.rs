@@ -62,7 +62,14 @@ pub fn step(core: &mut ServerCore, conns: &[u64], out: &mut Vec<CoreOutput>) -> 
             snapshot_ack: Some(Tick(t.0.wrapping_sub(1))),
             inputs,
         };
-        core.handle(CoreEvent::Input { conn: c, datagram }, out);
+        core.handle(
+            CoreEvent::Input {
+                conn: c,
+                datagram,
+                bytes: 60,
+            },
+            out,
+        );
     }
     out.clear();
     core.tick(out);

@@ -41,6 +41,12 @@ pub struct ServerConfig {
     pub outbound_queue: usize,
     /// Directory for the generated development certificate.
     pub dev_cert_dir: PathBuf,
+    /// Interest radius around a player's avatar, world units.
+    pub interest_radius: f32,
+    /// Extra distance before an entity in view leaves it, world units.
+    pub interest_hysteresis: f32,
+    /// Snapshot byte budget per client, bytes/s (also capped by the congestion controller).
+    pub snapshot_budget_bytes_per_s: u64,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -64,6 +70,9 @@ impl Default for ServerConfig {
             datagram_send_buffer: 16 * 1024,
             outbound_queue: 1024,
             dev_cert_dir: PathBuf::from("quicktick-dev-cert"),
+            interest_radius: 32.0,
+            interest_hysteresis: 4.0,
+            snapshot_budget_bytes_per_s: 128 * 1024,
             start_tick: 0,
         }
     }
@@ -116,6 +125,14 @@ impl ServerConfig {
         }
         if self.keep_alive_ms == 0 || self.keep_alive_ms * 2 >= self.idle_timeout_ms {
             bail!("keep_alive_ms must be non-zero and below half of idle_timeout_ms");
+        }
+        let radius_ok = self.interest_radius.is_finite() && self.interest_radius >= 1.0;
+        let hysteresis_ok = self.interest_hysteresis.is_finite() && self.interest_hysteresis >= 0.0;
+        if !radius_ok || !hysteresis_ok {
+            bail!("interest_radius must be >= 1 and interest_hysteresis >= 0 (world units)");
+        }
+        if self.snapshot_budget_bytes_per_s < 4096 {
+            bail!("snapshot_budget_bytes_per_s must be at least 4096");
         }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");

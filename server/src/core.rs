@@ -12,13 +12,15 @@ use quicktick_shared::lobby::{ChatOutcome, Lobby};
 use quicktick_shared::map::Map;
 use quicktick_shared::session::ServerSession;
 use quicktick_shared::sim::{SimConfig, SimEvent, World};
-use quicktick_shared::snapshot::{Snapshot, SnapshotHistory};
+use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
 use quicktick_shared::wire::{
     close, ErrorCode, InputDatagram, LeaveReason, PlayerInfo, RefuseReason, ServerMsg, Welcome,
 };
 
 use crate::config::ServerConfig;
+use crate::interest::{Grid, InterestConfig};
+use crate::replicate::{Frame, Limits, Replicator, Scratch};
 
 /// Identifies one QUIC connection for the life of the server.
 pub type ConnId = u64;
@@ -41,6 +43,8 @@ pub enum CoreEvent {
         conn: ConnId,
         /// The datagram.
         datagram: InputDatagram,
+        /// Its size on the wire.
+        bytes: usize,
     },
     /// A chat request.
     Chat {
@@ -104,12 +108,23 @@ pub struct CoreCounters {
     pub departed_inputs: InputCounters,
 }
 
+/// What the shell knows about a connection's path right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkState {
+    /// Largest datagram the connection accepts now (`None`: datagrams unusable).
+    pub max_datagram: Option<usize>,
+    /// What the congestion controller would carry, bytes/s (congestion window / RTT); `None`: no cap.
+    pub congestion_bytes_per_s: Option<f64>,
+}
+
 #[derive(Debug)]
 struct Player {
     session: ServerSession,
     info: PlayerInfo,
-    /// Largest datagram the connection accepts now (refreshed by the shell every tick).
-    max_datagram: Option<usize>,
+    /// Path state, refreshed by the shell every tick.
+    link: LinkState,
+    /// Interest, priority and budget state.
+    replicator: Replicator,
 }
 
 /// The authoritative server state.
@@ -118,7 +133,9 @@ pub struct ServerCore {
     cfg: ServerConfig,
     world: World,
     lobby: Lobby,
-    history: SnapshotHistory,
+    current: Arc<Snapshot>,
+    grid: Grid,
+    scratch_rep: Scratch,
     encoder: SnapshotEncoder,
     players: BTreeMap<ConnId, Player>,
     shutting_down: bool,
@@ -138,11 +155,11 @@ impl ServerCore {
             seed: cfg.seed,
         };
         let world = World::new(map, sim, Tick(cfg.start_tick));
-        let mut history = SnapshotHistory::new(cfg.snapshot_history as usize);
-        history.push(Arc::new(world.snapshot()));
         Self {
             lobby: Lobby::new(cfg.max_players),
-            history,
+            current: Arc::new(world.snapshot()),
+            grid: Grid::default(),
+            scratch_rep: Scratch::default(),
             world,
             encoder: SnapshotEncoder::new(),
             players: BTreeMap::new(),
@@ -160,10 +177,24 @@ impl ServerCore {
         &self.world
     }
 
+    /// The world, mutably (tests and benches that stage scenes).
+    pub fn world_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
+
+    /// The view sent to a connection at `tick`, if still kept (tests compare the client's to it).
+    #[must_use]
+    pub fn sent_view(&self, conn: ConnId, tick: Tick) -> Option<Arc<Snapshot>> {
+        self.players
+            .get(&conn)
+            .and_then(|p| p.session.sent_view(tick))
+            .cloned()
+    }
+
     /// The current tick's snapshot.
     #[must_use]
-    pub fn current_snapshot(&self) -> Option<&Arc<Snapshot>> {
-        self.history.get(self.world.tick())
+    pub fn current_snapshot(&self) -> &Arc<Snapshot> {
+        &self.current
     }
 
     /// The lobby roster.
@@ -191,8 +222,31 @@ impl ServerCore {
     /// Updates the datagram size limit of a connection (`None`: datagrams unsupported or closed).
     pub fn set_max_datagram(&mut self, conn: ConnId, max: Option<usize>) {
         if let Some(p) = self.players.get_mut(&conn) {
-            p.max_datagram = max;
+            p.link.max_datagram = max;
         }
+    }
+
+    /// Updates everything known about a connection's path.
+    pub fn set_link(&mut self, conn: ConnId, link: LinkState) {
+        if let Some(p) = self.players.get_mut(&conn) {
+            p.link = link;
+        }
+    }
+
+    /// Counts stream bytes queued to a connection.
+    pub fn count_stream_bytes(&mut self, conn: ConnId, bytes: usize) {
+        if let Some(p) = self.players.get_mut(&conn) {
+            p.session.counters.stream_bytes += bytes as u64;
+        }
+    }
+
+    /// Per-player session counters, by player id.
+    pub fn session_counters(
+        &self,
+    ) -> impl Iterator<Item = (u32, quicktick_shared::session::SessionCounters)> + '_ {
+        self.players
+            .values()
+            .map(|p| (p.info.id, p.session.counters))
     }
 
     /// Connections of current players.
@@ -208,8 +262,12 @@ impl ServerCore {
                 version,
                 name,
             } => self.hello(conn, version, &name, out),
-            CoreEvent::Input { conn, datagram } => match self.players.get_mut(&conn) {
-                Some(p) => p.session.handle_input(&datagram),
+            CoreEvent::Input {
+                conn,
+                datagram,
+                bytes,
+            } => match self.players.get_mut(&conn) {
+                Some(p) => p.session.handle_input(&datagram, bytes),
                 None => self.counters.stray_events += 1,
             },
             CoreEvent::Chat {
@@ -285,15 +343,15 @@ impl ServerCore {
             chat_seq: self.lobby.chat_seq(),
         };
         out.push(CoreOutput::Frame(conn, ServerMsg::Welcome(welcome)));
-        let session = ServerSession::new(info.id, avatar, self.world.tick().next());
-        self.players.insert(
-            conn,
-            Player {
-                session,
-                info,
-                max_datagram: None,
-            },
-        );
+        let history = self.cfg.snapshot_history as usize;
+        let session = ServerSession::new(info.id, avatar, self.world.tick().next(), history);
+        let player = Player {
+            session,
+            info,
+            link: LinkState::default(),
+            replicator: Replicator::default(),
+        };
+        self.players.insert(conn, player);
     }
 
     fn chat(&mut self, conn: ConnId, client_msg_id: u32, text: &str, out: &mut Vec<CoreOutput>) {
@@ -359,21 +417,52 @@ impl ServerCore {
         }
         self.counters.ticks += 1;
         let snap = Arc::new(self.world.snapshot());
-        self.history.push(snap.clone());
+        self.current = snap.clone();
         let codec = self.world.codec();
+        let interest = InterestConfig {
+            radius: self.cfg.interest_radius,
+            hysteresis: self.cfg.interest_hysteresis,
+        };
+        let cell_q = (interest.radius / quicktick_shared::quant::POS_QUANTUM) as u32;
+        self.grid
+            .rebuild(&snap, cell_q, codec.quant.max_qx, codec.quant.max_qy);
+        let frame = Frame {
+            world: &snap,
+            grid: &self.grid,
+            codec: &codec,
+            interest,
+        };
+        let rate = f64::from(self.cfg.tick_rate);
         for (conn, p) in &mut self.players {
-            let Some(max) = p.max_datagram else { continue };
+            let Some(max) = p.link.max_datagram else {
+                continue;
+            };
+            let budget = self.cfg.snapshot_budget_bytes_per_s as f64;
+            let per_s = p
+                .link
+                .congestion_bytes_per_s
+                .map_or(budget, |c| c.min(budget));
+            let refill = per_s / rate;
+            let limits = Limits {
+                max_datagram: max,
+                refill,
+                capacity: 2.0 * refill,
+            };
+            let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
+            let input_ack = p.session.inputs.newest_received();
             self.scratch.clear();
-            match p.session.encode_snapshot(
-                &snap,
-                &self.history,
+            match p.replicator.step(
+                &frame,
+                p.session.avatar,
+                baseline.as_deref(),
+                input_ack,
+                limits,
+                &mut self.scratch_rep,
                 &mut self.encoder,
-                &codec,
-                max,
-                self.cfg.snapshot_history,
                 &mut self.scratch,
             ) {
-                Ok(stats) => {
+                Ok((view, stats)) => {
+                    p.session.record_sent(view, &stats);
                     let c = &mut self.counters;
                     if stats.keyframe {
                         c.keyframes += 1;
@@ -549,7 +638,14 @@ mod tests {
                     snapshot_ack: Some(t),
                     inputs: vec![],
                 };
-                c.handle(CoreEvent::Input { conn, datagram }, &mut out);
+                c.handle(
+                    CoreEvent::Input {
+                        conn,
+                        datagram,
+                        bytes: 10,
+                    },
+                    &mut out,
+                );
             }
             c.tick(&mut out);
             for o in &out {

@@ -19,7 +19,9 @@
 
 pub mod config;
 pub mod core;
+pub mod interest;
 pub mod net;
+pub mod replicate;
 pub mod stats;
 mod tick_loop;
 pub mod tls;

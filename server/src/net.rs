@@ -62,7 +62,7 @@ pub(crate) struct NetCtx {
     pub cfg: ServerConfig,
     pub stats: Arc<ServerStats>,
     pub control: mpsc::Sender<Control>,
-    pub inputs: mpsc::Sender<(ConnId, InputDatagram)>,
+    pub inputs: mpsc::Sender<(ConnId, InputDatagram, usize)>,
     pub next_conn: AtomicU64,
 }
 
@@ -206,7 +206,8 @@ async fn serve(id: ConnId, conn: &quinn::Connection, ctx: &NetCtx, deadline: Ins
                     match InputDatagram::decode(&bytes) {
                         Ok(d) => {
                             ServerStats::add(&ctx.stats.input_datagrams, 1);
-                            if ctx.inputs.try_send((id, d)).is_err() {
+                            ServerStats::add(&ctx.stats.input_bytes, bytes.len() as u64);
+                            if ctx.inputs.try_send((id, d, bytes.len())).is_err() {
                                 ServerStats::add(&ctx.stats.input_queue_full, 1);
                             }
                         }

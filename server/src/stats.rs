@@ -50,6 +50,10 @@ counters! {
     refusals,
     /// Input datagrams accepted.
     input_datagrams,
+    /// Bytes of accepted input datagrams.
+    input_bytes,
+    /// Stream bytes (frames) queued to clients.
+    stream_bytes_sent,
     /// Input datagrams dropped because the tick thread's queue was full.
     input_queue_full,
     /// Datagrams refused as malformed, oversized or invalid (the sender is disconnected).

@@ -13,7 +13,7 @@ use quicktick_shared::wire::{close, encode_frame, InputDatagram, LeaveReason, Pl
 use quinn::SendDatagramError;
 use tokio::sync::mpsc;
 
-use crate::core::{ConnId, CoreEvent, CoreOutput, ServerCore};
+use crate::core::{ConnId, CoreEvent, CoreOutput, LinkState, ServerCore};
 use crate::stats::ServerStats;
 
 /// What the writer task of a connection should do next.
@@ -96,7 +96,7 @@ pub(crate) struct TickThread {
     pub core: ServerCore,
     pub links: HashMap<ConnId, Link>,
     pub control_rx: mpsc::Receiver<Control>,
-    pub input_rx: mpsc::Receiver<(ConnId, InputDatagram)>,
+    pub input_rx: mpsc::Receiver<(ConnId, InputDatagram, usize)>,
     pub stats: Arc<ServerStats>,
     pub published: Arc<Published>,
     pub stop: Arc<AtomicBool>,
@@ -205,16 +205,28 @@ impl TickThread {
         }
         for _ in 0..MAX_INPUTS_PER_TICK {
             match self.input_rx.try_recv() {
-                Ok((conn, datagram)) => self
-                    .core
-                    .handle(CoreEvent::Input { conn, datagram }, &mut self.out),
+                Ok((conn, datagram, bytes)) => self.core.handle(
+                    CoreEvent::Input {
+                        conn,
+                        datagram,
+                        bytes,
+                    },
+                    &mut self.out,
+                ),
                 Err(_) => break,
             }
         }
         let conns: Vec<ConnId> = self.core.conns().collect();
         for c in conns {
-            let max = self.links.get(&c).and_then(|l| l.conn.max_datagram_size());
-            self.core.set_max_datagram(c, max);
+            let link = self.links.get(&c).map_or(LinkState::default(), |l| {
+                let path = l.conn.stats().path;
+                let rtt = path.rtt.as_secs_f64().max(0.001);
+                LinkState {
+                    max_datagram: l.conn.max_datagram_size(),
+                    congestion_bytes_per_s: Some(path.cwnd as f64 / rtt),
+                }
+            });
+            self.core.set_link(c, link);
         }
         self.core.tick(&mut self.out);
         self.execute();
@@ -252,15 +264,21 @@ impl TickThread {
                             continue;
                         }
                     };
-                    if let Err(mpsc::error::TrySendError::Full(_)) =
-                        link.out.try_send(Outbound::Frame(bytes))
-                    {
-                        ServerStats::add(&self.stats.slow_consumers, 1);
-                        tracing::info!(conn = c, "disconnecting slow consumer");
-                        link.conn.close(
-                            close::SLOW_CONSUMER.into(),
-                            b"slow consumer: stream queue full",
-                        );
+                    let len = bytes.len();
+                    match link.out.try_send(Outbound::Frame(bytes)) {
+                        Ok(()) => {
+                            ServerStats::add(&self.stats.stream_bytes_sent, len as u64);
+                            self.core.count_stream_bytes(c, len);
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            ServerStats::add(&self.stats.slow_consumers, 1);
+                            tracing::info!(conn = c, "disconnecting slow consumer");
+                            link.conn.close(
+                                close::SLOW_CONSUMER.into(),
+                                b"slow consumer: stream queue full",
+                            );
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }
                 }
                 CoreOutput::CloseAfterFlush(c, code, reason) => {
@@ -294,7 +312,8 @@ impl TickThread {
             &self.stats.entities,
             self.core.world().entity_count() as u64,
         );
-        if let (Some(s), Ok(mut r)) = (self.core.current_snapshot(), self.published.recent.lock()) {
+        if let Ok(mut r) = self.published.recent.lock() {
+            let s = self.core.current_snapshot();
             if r.len() >= PUBLISHED_SNAPSHOTS {
                 r.pop_front();
             }

@@ -11,6 +11,14 @@ use std::time::Duration;
 use common::{start, test_config};
 use quicktick_bot::{client_endpoint, Client};
 use quicktick_server::ServerConfig;
+use quicktick_shared::entity::{EntityKind, EntityState};
+use quicktick_shared::quant::POS_QUANTUM;
+
+fn dist(a: &EntityState, b: &EntityState) -> f32 {
+    let dx = a.qx as f32 - b.qx as f32;
+    let dy = a.qy as f32 - b.qy as f32;
+    (dx * dx + dy * dy).sqrt()
+}
 
 const BOTS: usize = 8;
 
@@ -63,6 +71,7 @@ async fn eight_bots_play_chat_and_leave() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let mut views_with_others = 0;
     for c in &clients {
         let s = c.stats();
         assert!(c.is_connected());
@@ -80,22 +89,56 @@ async fn eight_bots_play_chat_and_leave() {
             .flat_map(|(p, ids)| ids.iter().map(|i| (*p, *i)))
             .collect();
         assert_eq!(got, want);
-        // The view of the world equals the server's at the same tick, bit for bit.
+        // The view equals the server's world at the same tick, bit for bit, for every entity in it,
+        // and holds exactly what interest management promises: its own avatar, everything within
+        // the radius, nothing beyond radius + hysteresis.
         let snap = c.latest_snapshot().unwrap();
-        let server = ts
+        let world = ts
             .server
             .published()
             .snapshot_at(snap.tick)
             .expect("tick not published");
-        assert_eq!(*server, *snap);
-        for p in c.roster() {
+        let me = snap
+            .get(c.welcome().avatar.index)
+            .copied()
+            .expect("own avatar in view");
+        let (r, h) = (32.0f32 / POS_QUANTUM, 4.0f32 / POS_QUANTUM);
+        for e in &snap.entities {
+            assert_eq!(
+                world.get(e.id.index),
+                Some(e),
+                "view differs from the world"
+            );
             assert!(
-                snap.get(p.avatar.index).is_some_and(|e| e.id == p.avatar),
-                "avatar of {} missing",
-                p.name
+                dist(e, &me) <= r + h + 1.0,
+                "entity beyond radius + hysteresis"
             );
         }
+        for e in world.entities.iter().filter(|e| dist(e, &me) < r - 1.0) {
+            assert!(
+                snap.get(e.id.index).is_some(),
+                "entity within the radius missing from the view"
+            );
+        }
+        for p in c.roster() {
+            if let Some(a) = world.get(p.avatar.index).filter(|a| dist(a, &me) < r - 1.0) {
+                assert_eq!(
+                    snap.get(p.avatar.index),
+                    Some(a),
+                    "avatar of {} differs",
+                    p.name
+                );
+            }
+        }
+        views_with_others += usize::from(
+            snap.entities
+                .iter()
+                .filter(|e| e.kind == EntityKind::Player)
+                .count()
+                > 1,
+        );
     }
+    assert!(views_with_others > 0, "no bot ever saw another avatar");
     let tick = clients[0].latest_snapshot().unwrap().tick;
     assert!(tick.0 < 1000, "crossed the tick wrap (tick {tick})");
 

@@ -13,6 +13,7 @@
 //! - [`assembler`]: client-side reassembly of split snapshots and the ring of held baselines.
 //! - [`input`]: input commands, validation, the server input buffer, the client redundancy window.
 //! - [`wire`]: input datagrams, stream messages and frames (the only module that names bincode).
+//! - [`link`]: a seeded sans-IO link conditioner (loss, latency, jitter, duplication).
 //! - [`lobby`]: roster, chat sequencing and de-duplication.
 //! - [`session`]: the server's per-client state (acks, baselines, inputs).
 //! - [`client`]: the client's session state machine and server-tick estimator.
@@ -31,6 +32,7 @@ pub mod client;
 pub mod delta;
 pub mod entity;
 pub mod input;
+pub mod link;
 pub mod lobby;
 pub mod map;
 pub mod quant;

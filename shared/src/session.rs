@@ -1,5 +1,10 @@
-//! The server's per-client session state: snapshot acknowledgement (which baseline to delta against)
-//! and the client's input buffer. No I/O: the server shell feeds datagrams in and asks what to send.
+//! The server's per-client session state: snapshot acknowledgement, the history of the views sent to
+//! this client (the baselines its deltas refer to), and the client's input buffer. No I/O: the server
+//! shell feeds datagrams in and asks what to send.
+//!
+//! Each client gets its own *view* per tick (interest management and the bandwidth budget decide
+//! which entities and which changes it holds), so baselines are per client: the view sent at the
+//! acknowledged tick, kept in a bounded ring.
 
 use std::sync::Arc;
 
@@ -15,6 +20,8 @@ use crate::wire::InputDatagram;
 pub struct SessionCounters {
     /// Input datagrams accepted.
     pub input_datagrams: u64,
+    /// Bytes of those datagrams.
+    pub input_bytes: u64,
     /// Acks that moved the baseline forward.
     pub acks_accepted: u64,
     /// Acks for ticks never sent, or older than the current baseline.
@@ -27,6 +34,8 @@ pub struct SessionCounters {
     pub snapshot_bytes: u64,
     /// Snapshot datagrams (parts) sent.
     pub snapshot_parts: u64,
+    /// Stream bytes queued to this client (frames).
+    pub stream_bytes: u64,
 }
 
 /// The server side of one client.
@@ -40,6 +49,8 @@ pub struct ServerSession {
     acked: Option<Tick>,
     /// Newest snapshot tick sent to this client.
     last_sent: Option<Tick>,
+    /// The views sent to this client, by tick: the only baselines its deltas may use.
+    sent: SnapshotHistory,
     /// Buffered inputs.
     pub inputs: InputBuffer,
     /// Counters.
@@ -47,22 +58,24 @@ pub struct ServerSession {
 }
 
 impl ServerSession {
-    /// A new session whose first simulated input tick is `next_tick`.
+    /// A new session whose first simulated input tick is `next_tick`, keeping `history` sent views.
     #[must_use]
-    pub fn new(player_id: u32, avatar: EntityId, next_tick: Tick) -> Self {
+    pub fn new(player_id: u32, avatar: EntityId, next_tick: Tick, history: usize) -> Self {
         Self {
             player_id,
             avatar,
             acked: None,
             last_sent: None,
+            sent: SnapshotHistory::new(history),
             inputs: InputBuffer::new(next_tick),
             counters: SessionCounters::default(),
         }
     }
 
-    /// Takes in a decoded, validated input datagram.
-    pub fn handle_input(&mut self, d: &InputDatagram) {
+    /// Takes in a decoded, validated input datagram of `bytes` bytes.
+    pub fn handle_input(&mut self, d: &InputDatagram, bytes: usize) {
         self.counters.input_datagrams += 1;
+        self.counters.input_bytes += bytes as u64;
         if let Some(ack) = d.snapshot_ack {
             let sent = self.last_sent.is_some_and(|s| !ack.is_after(s));
             let newer = self.acked.is_none_or(|a| ack.is_after(a));
@@ -84,60 +97,61 @@ impl ServerSession {
         self.acked
     }
 
-    /// The baseline to encode tick `tick` against: the acked snapshot when it is still in `history`
+    /// The baseline for the snapshot of `tick`: the view sent at the acked tick, when still kept
     /// and not older than `max_age` ticks; otherwise `None` (send a keyframe).
     #[must_use]
-    pub fn baseline_for(
-        &self,
-        tick: Tick,
-        history: &SnapshotHistory,
-        max_age: u32,
-    ) -> Option<Tick> {
+    pub fn baseline(&self, tick: Tick, max_age: u32) -> Option<Arc<Snapshot>> {
         let a = self.acked?;
         let age = tick.diff(a);
-        (age >= 1 && age as u32 <= max_age && history.get(a).is_some()).then_some(a)
+        if age < 1 || age as u32 > max_age {
+            return None;
+        }
+        self.sent.get(a).cloned()
     }
 
-    /// Encodes `snap` for this client — a delta against its acked baseline when usable, else a
-    /// keyframe — into datagrams of at most `max_datagram` bytes appended to `out`, and records it
-    /// as sent. `snap` must already be in `history`.
-    #[allow(clippy::too_many_arguments)]
+    /// The view sent to this client at `tick`, if still kept.
+    #[must_use]
+    pub fn sent_view(&self, tick: Tick) -> Option<&Arc<Snapshot>> {
+        self.sent.get(tick)
+    }
+
+    /// Records the view sent for its tick and what it cost.
+    pub fn record_sent(&mut self, view: Arc<Snapshot>, stats: &EncodeStats) {
+        self.last_sent = Some(view.tick);
+        self.sent.push(view);
+        if stats.keyframe {
+            self.counters.keyframes_sent += 1;
+        } else {
+            self.counters.deltas_sent += 1;
+        }
+        self.counters.snapshot_bytes += stats.bytes as u64;
+        self.counters.snapshot_parts += stats.parts as u64;
+    }
+
+    /// Encodes the whole of `snap` for this client (no interest management, no budget): a delta
+    /// against its acked view when usable, else a keyframe, into datagrams of at most
+    /// `max_datagram` bytes appended to `out`; records it as sent.
     pub fn encode_snapshot(
         &mut self,
         snap: &Arc<Snapshot>,
-        history: &SnapshotHistory,
         encoder: &mut SnapshotEncoder,
         codec: &Codec,
         max_datagram: usize,
         max_age: u32,
         out: &mut Vec<Vec<u8>>,
     ) -> Result<EncodeStats, EncodeError> {
-        let baseline = self
-            .baseline_for(snap.tick, history, max_age)
-            .and_then(|t| history.get(t));
+        let baseline = self.baseline(snap.tick, max_age);
         let input_ack = self.inputs.newest_received();
         let stats = encoder.encode(
             codec,
             snap,
-            baseline.map(|b| b.as_ref()),
+            baseline.as_deref(),
             input_ack,
             max_datagram,
             out,
         )?;
-        self.on_sent(snap.tick, stats.keyframe, stats.bytes, stats.parts);
+        self.record_sent(snap.clone(), &stats);
         Ok(stats)
-    }
-
-    /// Records that the snapshot of `tick` was sent.
-    pub fn on_sent(&mut self, tick: Tick, keyframe: bool, bytes: usize, parts: usize) {
-        self.last_sent = Some(tick);
-        if keyframe {
-            self.counters.keyframes_sent += 1;
-        } else {
-            self.counters.deltas_sent += 1;
-        }
-        self.counters.snapshot_bytes += bytes as u64;
-        self.counters.snapshot_parts += parts as u64;
     }
 }
 
@@ -154,39 +168,42 @@ mod tests {
                 generation: 1,
             },
             Tick(0),
+            8,
         );
         let ack = |t: u32| InputDatagram {
             snapshot_ack: Some(Tick(t)),
             inputs: vec![],
         };
-        s.handle_input(&ack(5));
+        s.handle_input(&ack(5), 10);
         assert_eq!(s.acked(), None, "never sent: ignored");
         for t in 1..=10 {
-            s.on_sent(Tick(t), false, 10, 1);
+            s.record_sent(
+                Arc::new(Snapshot {
+                    tick: Tick(t),
+                    entities: vec![],
+                }),
+                &EncodeStats::default(),
+            );
         }
-        s.handle_input(&ack(7));
-        s.handle_input(&ack(6));
-        s.handle_input(&ack(11));
+        s.handle_input(&ack(7), 10);
+        s.handle_input(&ack(6), 10);
+        s.handle_input(&ack(11), 10);
         assert_eq!(s.acked(), Some(Tick(7)));
         assert_eq!(s.counters.acks_ignored, 3);
-        let mut h = SnapshotHistory::new(8);
-        for t in 3..=12 {
-            h.push(Arc::new(Snapshot {
-                tick: Tick(t),
-                entities: vec![],
-            }));
+        assert_eq!(s.baseline(Tick(12), 255).map(|b| b.tick), Some(Tick(7)));
+        assert!(s.baseline(Tick(12), 4).is_none(), "too old for max_age");
+        for t in 11..=20 {
+            s.record_sent(
+                Arc::new(Snapshot {
+                    tick: Tick(t),
+                    entities: vec![],
+                }),
+                &EncodeStats::default(),
+            );
         }
-        assert_eq!(s.baseline_for(Tick(12), &h, 255), Some(Tick(7)));
-        assert_eq!(s.baseline_for(Tick(12), &h, 4), None, "too old for max_age");
-        let mut h2 = SnapshotHistory::new(4);
-        h2.push(Arc::new(Snapshot {
-            tick: Tick(12),
-            entities: vec![],
-        }));
-        assert_eq!(
-            s.baseline_for(Tick(12), &h2, 255),
-            None,
-            "evicted from history: keyframe"
+        assert!(
+            s.baseline(Tick(21), 255).is_none(),
+            "evicted from the 8-tick history: keyframe"
         );
     }
 }

@@ -270,6 +270,11 @@ impl World {
             .unwrap_or(Vec2::new(w / 2.0, h / 2.0))
     }
 
+    /// Spawns `n` NPCs at random free points (a burst); returns how many were placed.
+    pub fn spawn_npcs(&mut self, n: usize) -> usize {
+        (0..n).filter_map(|_| self.spawn_npc()).count()
+    }
+
     fn spawn_npc(&mut self) -> Option<EntityId> {
         let p = self.random_free_point();
         let heading = self.rng.unit() * std::f32::consts::TAU;

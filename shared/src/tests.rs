@@ -125,7 +125,7 @@ impl Harness {
                 players: vec![],
                 chat_seq: 0,
             };
-            let server = ServerSession::new(i as u32 + 1, avatar, world.tick().next());
+            let server = ServerSession::new(i as u32 + 1, avatar, world.tick().next(), 64);
             let client = ClientSession::new(welcome, Duration::ZERO);
             let seed = 1000 + i as u64;
             cs.push((
@@ -161,7 +161,7 @@ impl Harness {
         for (server, _, _, up) in &mut self.clients {
             for bytes in up.deliver(step) {
                 if let Ok(d) = InputDatagram::decode(&bytes) {
-                    server.handle_input(&d);
+                    server.handle_input(&d, bytes.len());
                 }
             }
         }
@@ -179,7 +179,6 @@ impl Harness {
             let mut out = Vec::new();
             let stats = server.encode_snapshot(
                 &snap,
-                &self.history,
                 &mut self.encoder,
                 &codec,
                 self.mtu,
