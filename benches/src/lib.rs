@@ -1,6 +1,12 @@
 //! Shared set-up for quicktick's criterion benches and size reports: a server core with `clients`
 //! joined players that ack every snapshot two ticks late (as a client on a short link would), so the
 //! measured tick includes inputs, simulation, snapshot and per-client delta encoding.
+//!
+//! - [`cubes`]: Fiedler's cube scene (N entities, a fraction moving).
+//! - [`pipeline`]: the real core and client sessions over fixed-latency links, for size reports.
+
+pub mod cubes;
+pub mod pipeline;
 
 use quicktick_server::core::{CoreEvent, CoreOutput, ServerCore};
 use quicktick_server::ServerConfig;

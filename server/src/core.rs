@@ -96,6 +96,18 @@ pub struct CoreCounters {
     pub snapshot_bytes: u64,
     /// Largest snapshot (all parts), bytes.
     pub snapshot_bytes_max: u64,
+    /// Entity entries (spawn/update/despawn) sent, over all clients.
+    pub entries: u64,
+    /// Bits of part headers sent.
+    pub header_bits: u64,
+    /// Bits of index sections sent.
+    pub index_bits: u64,
+    /// Bits of entry bodies sent.
+    pub body_bits: u64,
+    /// Sum of the sizes of the views sent (entities each client held after each snapshot).
+    pub view_entities: u64,
+    /// Largest snapshot datagram, bytes.
+    pub max_datagram_bytes: u64,
     /// Snapshots that could not be encoded (datagram limit below the protocol minimum).
     pub encode_failures: u64,
     /// Events from connections that are not (or no longer) players.
@@ -462,8 +474,15 @@ impl ServerCore {
                 &mut self.scratch,
             ) {
                 Ok((view, stats)) => {
-                    p.session.record_sent(view, &stats);
                     let c = &mut self.counters;
+                    c.entries += stats.changed as u64;
+                    c.header_bits += stats.header_bits as u64;
+                    c.index_bits += stats.index_bits as u64;
+                    c.body_bits += stats.body_bits as u64;
+                    c.view_entities += view.entities.len() as u64;
+                    let biggest = self.scratch.iter().map(Vec::len).max().unwrap_or(0);
+                    c.max_datagram_bytes = c.max_datagram_bytes.max(biggest as u64);
+                    p.session.record_sent(view, &stats);
                     if stats.keyframe {
                         c.keyframes += 1;
                     } else {
