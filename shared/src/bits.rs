@@ -19,7 +19,7 @@ pub struct BitWriter {
     buf: Vec<u8>,
     /// Pending bits not yet flushed to `buf` (low `pending` bits are valid).
     acc: u64,
-    /// Number of valid bits in `acc` (always < 8 between calls).
+    /// Number of valid bits in `acc` (always < 32 between calls; flushed 32 bits at a time).
     pending: u32,
 }
 
@@ -49,10 +49,10 @@ impl BitWriter {
         let masked = u64::from(value) & ((1u64 << n) - 1);
         self.acc |= masked << self.pending;
         self.pending += n;
-        while self.pending >= 8 {
-            self.buf.push(self.acc as u8);
-            self.acc >>= 8;
-            self.pending -= 8;
+        if self.pending >= 32 {
+            self.buf.extend_from_slice(&(self.acc as u32).to_le_bytes());
+            self.acc >>= 32;
+            self.pending -= 32;
         }
     }
 
@@ -68,8 +68,18 @@ impl BitWriter {
 
     /// Appends all bits of another writer.
     pub fn append(&mut self, other: &BitWriter) {
-        for &b in &other.buf {
-            self.write(u32::from(b), 8);
+        if self.pending == 0 {
+            self.buf.extend_from_slice(&other.buf);
+        } else {
+            let mut words = other.buf.chunks_exact(4);
+            for w in &mut words {
+                if let &[a, b, c, d] = w {
+                    self.write(u32::from_le_bytes([a, b, c, d]), 32);
+                }
+            }
+            for &b in words.remainder() {
+                self.write(u32::from(b), 8);
+            }
         }
         if other.pending > 0 {
             self.write(other.acc as u32, other.pending);
@@ -97,19 +107,20 @@ impl BitWriter {
 
     /// Flushes the partial byte (zero-padded) and returns the bytes.
     #[must_use]
-    pub fn finish(mut self) -> Vec<u8> {
-        if self.pending > 0 {
-            self.buf.push(self.acc as u8);
-        }
-        self.buf
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.byte_len());
+        self.finish_into(&mut out);
+        out
     }
 
     /// Appends the written bits, zero-padded to a whole byte, to `out`.
     pub fn finish_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.buf);
-        if self.pending > 0 {
-            out.push(self.acc as u8);
-        }
+        let tail = self.acc.to_le_bytes();
+        out.extend_from_slice(
+            tail.get(..(self.pending as usize).div_ceil(8))
+                .unwrap_or(&[]),
+        );
     }
 }
 
