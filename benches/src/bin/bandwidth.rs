@@ -38,7 +38,8 @@ struct Scenario {
     bytes_per_snapshot_mean: f64,
     kbps_per_client: f64,
     bytes_per_changed_entity: f64,
-    bits_per_unchanged_entity: f64,
+    /// `None` when under 1 % of the entities in view were unchanged (the figure is meaningless then).
+    bits_per_unchanged_entity: Option<f64>,
     raw_kbps_per_client: f64,
     ratio: f64,
     max_datagram_bytes: usize,
@@ -139,8 +140,8 @@ fn cubes(one_way: u32) -> Scenario {
         bytes_per_snapshot_mean: mean,
         kbps_per_client: kbps(mean),
         bytes_per_changed_entity: body_bits as f64 / 8.0 / changed.max(1) as f64,
-        bits_per_unchanged_entity: index_bits.saturating_sub(changed) as f64
-            / unchanged.max(1) as f64,
+        bits_per_unchanged_entity: (unchanged * 100 >= changed + unchanged)
+            .then(|| index_bits.saturating_sub(changed) as f64 / unchanged.max(1) as f64),
         raw_kbps_per_client: kbps(raw_mean),
         ratio: raw_mean / mean.max(1e-9),
         max_datagram_bytes: max_dg,
@@ -173,8 +174,8 @@ fn summarize(name: &str, pipe: &Pipe, from_tick: usize, entities: usize, one_way
         bytes_per_snapshot_mean: mean,
         kbps_per_client: kbps(mean),
         bytes_per_changed_entity: c.body_bits as f64 / 8.0 / c.entries.max(1) as f64,
-        bits_per_unchanged_entity: c.index_bits.saturating_sub(c.entries) as f64
-            / unchanged.max(1) as f64,
+        bits_per_unchanged_entity: (unchanged * 100 >= c.view_entities)
+            .then(|| c.index_bits.saturating_sub(c.entries) as f64 / unchanged.max(1) as f64),
         raw_kbps_per_client: kbps(raw_mean),
         ratio: raw_mean / mean.max(1e-9),
         max_datagram_bytes: c.max_datagram_bytes as usize,
@@ -300,7 +301,7 @@ fn main() {
     );
     for s in &scenarios {
         println!(
-            "{:<7} {:>5} {:>4} {:>5} {:>8.1} {:>9.1} {:>9.2} {:>8.3} {:>10.1} {:>6.1} {:>6}",
+            "{:<7} {:>5} {:>4} {:>5} {:>8.1} {:>9.1} {:>9.2} {:>8} {:>10.1} {:>6.1} {:>6}",
             s.name,
             s.entities,
             s.clients,
@@ -308,7 +309,8 @@ fn main() {
             s.bytes_per_snapshot_mean,
             s.kbps_per_client,
             s.bytes_per_changed_entity,
-            s.bits_per_unchanged_entity,
+            s.bits_per_unchanged_entity
+                .map_or("n/a".into(), |b| format!("{b:.3}")),
             s.raw_kbps_per_client,
             s.ratio,
             s.converge_ticks.map_or("-".into(), |t| t.to_string())
