@@ -62,6 +62,8 @@ pub fn step(core: &mut ServerCore, conns: &[u64], out: &mut Vec<CoreOutput>) -> 
                 move_y: a.sin() * 0.9,
                 aim: a,
                 buttons: 0,
+                view_tick: t.add(1).sub(3 - k),
+                view_frac: 0,
             })
             .collect();
         let datagram = InputDatagram {

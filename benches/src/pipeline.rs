@@ -196,6 +196,8 @@ impl Pipe {
                 move_y: a.sin() * 0.8,
                 aim: a,
                 buttons: 0,
+                view_tick: Tick(0),
+                view_frac: 0,
             };
             if let Ok(bytes) = c.session.build_input(now, rtt, cmd) {
                 c.up.send(now, bytes);

@@ -163,6 +163,7 @@ impl HeldInput {
             move_y: self.move_y,
             aim: self.aim,
             buttons: self.buttons,
+            ..InputCmd::idle(Tick(0))
         }
     }
 }
@@ -564,6 +565,8 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::Chat(_) => "chat",
         ServerMsg::PlayerJoined(_) => "player_joined",
         ServerMsg::PlayerLeft { .. } => "player_left",
+        ServerMsg::ShotResult { .. } => "shot_result",
+        ServerMsg::InputStats { .. } => "input_stats",
         ServerMsg::Error { .. } => "error",
     }
 }
@@ -640,7 +643,12 @@ async fn stream_reader(
     loop {
         loop {
             match decoder.next_msg::<ServerMsg>() {
-                Ok(Some(msg)) => lock(&shared.lobby).handle(msg),
+                Ok(Some(msg)) => {
+                    if let ServerMsg::InputStats { late, .. } = &msg {
+                        lock(&shared.session).on_input_stats(*late);
+                    }
+                    lock(&shared.lobby).handle(msg);
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!("bad frame from the server: {e}");

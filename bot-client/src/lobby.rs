@@ -86,6 +86,20 @@ pub struct LobbyCounters {
     pub unexpected: u64,
     /// `PlayerJoined` for an id already present, or `PlayerLeft` for one absent.
     pub presence_anomalies: u64,
+    /// Shots the server judged for this client.
+    pub shots: u64,
+    /// Of which hit something.
+    pub hits: u64,
+    /// Of which were judged against the rewound (lag-compensated) view.
+    pub shots_compensated: u64,
+    /// The server's latest report of this client's inputs: applied, missing, late, duplicates.
+    pub inputs_applied: u64,
+    /// See `inputs_applied`.
+    pub inputs_missing: u64,
+    /// See `inputs_applied`.
+    pub inputs_late: u64,
+    /// See `inputs_applied`.
+    pub inputs_duplicate: u64,
 }
 
 /// Roster, chat log and delivery checks of one client.
@@ -132,6 +146,28 @@ impl LobbyView {
                     self.counters.presence_anomalies += 1;
                 }
                 tracing::trace!(id, ?reason, "player left");
+            }
+            ServerMsg::ShotResult {
+                hit, compensated, ..
+            } => {
+                let c = &mut self.counters;
+                c.shots += 1;
+                c.hits += u64::from(hit.is_some());
+                c.shots_compensated += u64::from(compensated);
+            }
+            ServerMsg::InputStats {
+                applied,
+                missing,
+                late,
+                duplicates,
+            } => {
+                let c = &mut self.counters;
+                (
+                    c.inputs_applied,
+                    c.inputs_missing,
+                    c.inputs_late,
+                    c.inputs_duplicate,
+                ) = (applied, missing, late, duplicates);
             }
             ServerMsg::Error { code, detail } => {
                 self.counters.server_errors += 1;
@@ -218,6 +254,8 @@ mod tests {
             input_redundancy: 4,
             players: vec![player(1, "a"), player(me, "me")],
             chat_seq,
+            walls: vec![],
+            lag_comp_ms: 200,
         }
     }
 

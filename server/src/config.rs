@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub interest_hysteresis: f32,
     /// Snapshot byte budget per client, bytes/s (also capped by the congestion controller).
     pub snapshot_budget_bytes_per_s: u64,
+    /// Lag-compensation window, ms: shots are judged against what the shooter saw up to this far back.
+    pub lag_comp_ms: u32,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             interest_radius: 32.0,
             interest_hysteresis: 4.0,
             snapshot_budget_bytes_per_s: 128 * 1024,
+            lag_comp_ms: 200,
             start_tick: 0,
         }
     }
@@ -130,6 +133,12 @@ impl ServerConfig {
         let hysteresis_ok = self.interest_hysteresis.is_finite() && self.interest_hysteresis >= 0.0;
         if !radius_ok || !hysteresis_ok {
             bail!("interest_radius must be >= 1 and interest_hysteresis >= 0 (world units)");
+        }
+        if self.lag_comp_ms > 1000 {
+            bail!(
+                "lag_comp_ms must be at most 1000 (got {})",
+                self.lag_comp_ms
+            );
         }
         if self.snapshot_budget_bytes_per_s < 4096 {
             bail!("snapshot_budget_bytes_per_s must be at least 4096");

@@ -116,6 +116,8 @@ pub struct CoreCounters {
     pub shots: u64,
     /// Shots that hit.
     pub hits: u64,
+    /// Shots judged against a rewound (lag-compensated) view.
+    pub compensated_shots: u64,
     /// Input counters summed over players that left.
     pub departed_inputs: InputCounters,
 }
@@ -146,6 +148,8 @@ pub struct ServerCore {
     world: World,
     lobby: Lobby,
     current: Arc<Snapshot>,
+    /// The last [`RECENT_TICKS`] world snapshots, oldest first (lag compensation rewinds into them).
+    recent: std::collections::VecDeque<Arc<Snapshot>>,
     grid: Grid,
     scratch_rep: Scratch,
     encoder: SnapshotEncoder,
@@ -170,6 +174,7 @@ impl ServerCore {
         Self {
             lobby: Lobby::new(cfg.max_players),
             current: Arc::new(world.snapshot()),
+            recent: std::collections::VecDeque::new(),
             grid: Grid::default(),
             scratch_rep: Scratch::default(),
             world,
@@ -353,6 +358,14 @@ impl ServerCore {
             input_redundancy: self.cfg.input_redundancy,
             players: self.lobby.roster(),
             chat_seq: self.lobby.chat_seq(),
+            walls: self
+                .world
+                .map()
+                .walls
+                .iter()
+                .map(|w| [w.min.x, w.min.y, w.max.x, w.max.y])
+                .collect(),
+            lag_comp_ms: self.cfg.lag_comp_ms.min(u32::from(u16::MAX)) as u16,
         };
         out.push(CoreOutput::Frame(conn, ServerMsg::Welcome(welcome)));
         let history = self.cfg.snapshot_history as usize;
@@ -420,16 +433,57 @@ impl ServerCore {
             .map(|p| (p.session.avatar, p.session.inputs.take().0))
             .collect();
         self.events.clear();
-        self.world.step(&inputs, &mut self.events);
+        let next = self.world.tick().next();
+        let window_ticks = f64::from(self.cfg.lag_comp_ms) * f64::from(self.cfg.tick_rate) / 1000.0;
+        let recent = &self.recent;
+        let mut rewind =
+            |_shooter: EntityId, cmd: &InputCmd| rewound_targets(recent, next, cmd, window_ticks);
+        self.world.step_with(&inputs, &mut rewind, &mut self.events);
         for e in &self.events {
-            if let SimEvent::Shot { hit, .. } = e {
+            if let SimEvent::Shot {
+                shooter,
+                hit,
+                compensated,
+            } = *e
+            {
                 self.counters.shots += 1;
                 self.counters.hits += u64::from(hit.is_some());
+                self.counters.compensated_shots += u64::from(compensated);
+                if let Some((conn, _)) = self
+                    .players
+                    .iter()
+                    .find(|(_, p)| p.session.avatar == shooter)
+                {
+                    out.push(CoreOutput::Frame(
+                        *conn,
+                        ServerMsg::ShotResult {
+                            tick: next,
+                            hit,
+                            compensated,
+                        },
+                    ));
+                }
             }
         }
         self.counters.ticks += 1;
         let snap = Arc::new(self.world.snapshot());
         self.current = snap.clone();
+        if self.recent.len() >= RECENT_TICKS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(snap.clone());
+        if snap.tick.0 % self.cfg.tick_rate == 0 {
+            for (conn, p) in &self.players {
+                let c = p.session.inputs.counters;
+                let stats = ServerMsg::InputStats {
+                    applied: c.applied,
+                    missing: c.missing,
+                    late: c.late,
+                    duplicates: c.duplicates,
+                };
+                out.push(CoreOutput::Frame(*conn, stats));
+            }
+        }
         let codec = self.world.codec();
         let interest = InterestConfig {
             radius: self.cfg.interest_radius,
@@ -522,6 +576,40 @@ impl ServerCore {
     pub fn player_id(&self, conn: ConnId) -> Option<u32> {
         self.players.get(&conn).map(|p| p.info.id)
     }
+}
+
+/// World snapshots kept for lag compensation (≈1 s at 60 Hz; the window is at most 1000 ms).
+pub const RECENT_TICKS: usize = 130;
+
+/// The target positions a shooter saw: entities interpolated between the snapshots of `view_tick`
+/// and the next at `view_frac`, if that view is within `window_ticks` of the tick being simulated.
+fn rewound_targets(
+    recent: &std::collections::VecDeque<Arc<Snapshot>>,
+    now: Tick,
+    cmd: &InputCmd,
+    window_ticks: f64,
+) -> Option<Vec<(EntityId, glam::Vec2)>> {
+    let age = f64::from(now.diff(cmd.view_tick)) - f64::from(cmd.view_frac) / 256.0;
+    if !(0.0..=window_ticks).contains(&age) {
+        return None;
+    }
+    let a = recent.iter().rev().find(|s| s.tick == cmd.view_tick)?;
+    let b = recent.iter().rev().find(|s| s.tick == cmd.view_tick.next());
+    let t = f32::from(cmd.view_frac) / 256.0;
+    let q = quicktick_shared::quant::POS_QUANTUM;
+    Some(
+        a.entities
+            .iter()
+            .map(|e| {
+                let pa = glam::Vec2::new(e.qx as f32, e.qy as f32) * q;
+                let pb = b
+                    .and_then(|b| b.get(e.id.index))
+                    .filter(|n| n.id == e.id)
+                    .map_or(pa, |n| glam::Vec2::new(n.qx as f32, n.qy as f32) * q);
+                (e.id, pa.lerp(pb, t))
+            })
+            .collect(),
+    )
 }
 
 fn add_counters(acc: &mut InputCounters, c: &InputCounters) {

@@ -150,6 +150,8 @@ impl Harness {
                 move_y: a.sin(),
                 aim: a,
                 buttons: 0,
+                view_tick: Tick(0),
+                view_frac: 0,
             };
             let bytes = c.session.build_input(now, rtt, cmd).unwrap();
             c.up.send(now, bytes);

@@ -144,6 +144,20 @@ impl BaselineRing {
         self.snaps.iter().rev().find(|s| s.tick == tick)
     }
 
+    /// The newest snapshot at or before `tick`, and the oldest one after it.
+    #[must_use]
+    pub fn around(&self, tick: Tick) -> (Option<&Arc<Snapshot>>, Option<&Arc<Snapshot>>) {
+        let mut after = None;
+        for s in self.snaps.iter().rev() {
+            if s.tick.is_after(tick) {
+                after = Some(s);
+            } else {
+                return (Some(s), after);
+            }
+        }
+        (None, after)
+    }
+
     /// Adds a snapshot newer than every held one (older ones are refused: returns false).
     pub fn push(&mut self, snap: Arc<Snapshot>) -> bool {
         if let Some(n) = self.snaps.back() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::assembler::{Assembled, BaselineRing, SnapshotAssembler};
 use crate::delta::{apply_part, decode_part, ApplyError, Codec, DecodeError};
 use crate::input::{InputCmd, InputHistory};
+use crate::map::{Map, Wall};
+use crate::netcode::{InterpView, Interpolator, LeadControl, Predictor};
 use crate::snapshot::Snapshot;
 use crate::tick::Tick;
 use crate::wire::{InputDatagram, Welcome, WireError};
@@ -95,6 +97,12 @@ impl TickClock {
         }
     }
 
+    /// The tick estimates are relative to.
+    #[must_use]
+    pub fn anchor(&self) -> Tick {
+        self.anchor
+    }
+
     /// Estimated server tick at `now` plus `lead` ticks, as a fractional tick count since the anchor.
     #[must_use]
     pub fn estimate(&self, now: Duration, lead: f64) -> f64 {
@@ -127,8 +135,18 @@ pub struct ClientSession {
     history: InputHistory,
     /// Server tick estimate.
     clock: TickClock,
-    /// Ticks of lead beyond the round trip when stamping inputs.
-    margin: f64,
+    /// Fixed lead margin in ticks, overriding the adaptive one (tests).
+    margin_override: Option<f64>,
+    /// Adaptive input lead.
+    lead: LeadControl,
+    /// Own-avatar prediction and reconciliation.
+    predictor: Predictor,
+    /// Remote-entity interpolation.
+    interp: Interpolator,
+    /// When each recent input tick was first sent, for input-to-snapshot latency.
+    send_times: std::collections::VecDeque<(Tick, Duration)>,
+    /// Input-to-snapshot latencies measured since the shell last drained them.
+    pub latency_samples: Vec<Duration>,
     /// Newest input tick the server reports having applied.
     input_ack: Option<Tick>,
     /// Counters.
@@ -146,6 +164,22 @@ impl ClientSession {
         );
         let clock = TickClock::new(u32::from(welcome.tick_rate), welcome.server_tick, now);
         let history = InputHistory::new(usize::from(welcome.input_redundancy));
+        let map = Map {
+            id: welcome.map_id.clone(),
+            width: welcome.map_width,
+            height: welcome.map_height,
+            walls: welcome
+                .walls
+                .iter()
+                .map(|w| Wall {
+                    min: glam::Vec2::new(w[0], w[1]),
+                    max: glam::Vec2::new(w[2], w[3]),
+                })
+                .collect(),
+            spawns: Vec::new(),
+        };
+        let predictor = Predictor::new(map, u32::from(welcome.tick_rate), welcome.avatar);
+        let interp = Interpolator::new(u32::from(welcome.tick_rate));
         Self {
             welcome,
             codec,
@@ -153,7 +187,12 @@ impl ClientSession {
             assembler: SnapshotAssembler::new(),
             history,
             clock,
-            margin: 1.0,
+            margin_override: None,
+            lead: LeadControl::default(),
+            predictor,
+            interp,
+            send_times: std::collections::VecDeque::new(),
+            latency_samples: Vec::new(),
             input_ack: None,
             counters: ClientCounters::default(),
         }
@@ -183,9 +222,55 @@ impl ClientSession {
         self.input_ack
     }
 
-    /// Sets the lead margin in ticks added on top of the round trip (default 1).
+    /// Fixes the lead margin in ticks added on top of the round trip (default: adaptive).
     pub fn set_margin(&mut self, ticks: f64) {
-        self.margin = ticks.clamp(0.0, 64.0);
+        self.margin_override = Some(ticks.clamp(0.0, 64.0));
+    }
+
+    /// The lead margin in use, ticks.
+    #[must_use]
+    pub fn margin(&self) -> f64 {
+        self.margin_override
+            .unwrap_or_else(|| self.lead.margin(self.interp.jitter()))
+    }
+
+    /// The server's once-a-second input report (cumulative late count) adapts the lead.
+    pub fn on_input_stats(&mut self, late: u64) {
+        self.lead.on_late_report(late);
+    }
+
+    /// Own-avatar prediction.
+    #[must_use]
+    pub fn predictor(&self) -> &Predictor {
+        &self.predictor
+    }
+
+    /// Own-avatar prediction, mutably (to drain its error samples).
+    pub fn predictor_mut(&mut self) -> &mut Predictor {
+        &mut self.predictor
+    }
+
+    /// Remote-entity interpolation state.
+    #[must_use]
+    pub fn interpolator(&self) -> &Interpolator {
+        &self.interp
+    }
+
+    /// The render time at `now`: the interpolation delay behind the estimated server tick, as a
+    /// tick and a fraction in 1/256ths (what inputs carry for lag compensation).
+    #[must_use]
+    pub fn view_time(&self, now: Duration) -> (Tick, u8) {
+        let t = self.clock.estimate(now, 0.0) - self.interp.delay();
+        let base = t.floor();
+        let frac = ((t - base) * 256.0).clamp(0.0, 255.0) as u8;
+        (self.clock.anchor().add(base as i64 as u32), frac)
+    }
+
+    /// What to show at `now`: remote entities interpolated from the snapshot buffer (bounded
+    /// extrapolation when it runs dry, counted as an underrun).
+    pub fn interpolate(&mut self, now: Duration) -> Option<InterpView> {
+        let t = self.clock.estimate(now, 0.0);
+        self.interp.sample(self.clock.anchor(), t, &self.baselines)
     }
 
     /// Handles one snapshot datagram received at `now`. Returns the snapshot it completed, if any.
@@ -241,9 +326,20 @@ impl ClientSession {
                 self.baselines.push(snap.clone());
                 self.assembler.discard_through(h.tick);
                 self.clock.observe(h.tick, now);
+                self.interp.on_snapshot(h.tick, now);
+                self.predictor.on_snapshot(&snap);
                 if let Some(a) = h.input_ack {
                     if self.input_ack.is_none_or(|old| a.is_after(old)) {
                         self.input_ack = Some(a);
+                        while let Some(&(t, sent)) = self.send_times.front() {
+                            if t.is_after(a) {
+                                break;
+                            }
+                            self.send_times.pop_front();
+                            if self.latency_samples.len() < 4096 {
+                                self.latency_samples.push(now.saturating_sub(sent));
+                            }
+                        }
                     }
                 }
                 let c = &mut self.counters;
@@ -268,7 +364,7 @@ impl ClientSession {
     /// The tick an input made at `now` should be stamped with.
     #[must_use]
     pub fn input_tick(&self, now: Duration, rtt: Duration) -> Tick {
-        self.clock.input_tick(now, rtt, self.margin)
+        self.clock.input_tick(now, rtt, self.margin())
     }
 
     /// Records `input` (movement/aim/buttons; its tick is ignored) for every tick up to the one due at
@@ -289,10 +385,22 @@ impl ClientSession {
             }
             Some(_) => target.add(1), // the estimate moved back: nothing new to stamp
         };
+        let (view_tick, view_frac) = self.view_time(now);
         let mut t = first;
         while !t.is_after(target) {
-            if self.history.push(InputCmd { tick: t, ..input }) {
+            let cmd = InputCmd {
+                tick: t,
+                view_tick,
+                view_frac,
+                ..input
+            };
+            if self.history.push(cmd) {
                 self.counters.inputs += 1;
+                self.predictor.on_input(cmd);
+                if self.send_times.len() >= 256 {
+                    self.send_times.pop_front();
+                }
+                self.send_times.push_back((t, now));
             }
             t = t.next();
         }

@@ -25,6 +25,11 @@ pub struct InputCmd {
     pub aim: f32,
     /// Button bits ([`BUTTON_FIRE`]).
     pub buttons: u8,
+    /// The tick the client was *showing* when it made this input (its interpolation time), used by
+    /// lag compensation to judge shots against what the player saw.
+    pub view_tick: Tick,
+    /// Fraction of a tick past `view_tick`, in 1/256ths.
+    pub view_frac: u8,
 }
 
 /// Why an input command was refused.
@@ -51,6 +56,8 @@ impl InputCmd {
             move_y: 0.0,
             aim: 0.0,
             buttons: 0,
+            view_tick: tick,
+            view_frac: 0,
         }
     }
 
@@ -268,11 +275,8 @@ mod tests {
 
     fn cmd(t: u32, x: f32) -> InputCmd {
         InputCmd {
-            tick: Tick(t),
             move_x: x,
-            move_y: 0.0,
-            aim: 0.0,
-            buttons: 0,
+            ..InputCmd::idle(Tick(t))
         }
     }
 

@@ -17,6 +17,7 @@
 //! - [`lobby`]: roster, chat sequencing and de-duplication.
 //! - [`session`]: the server's per-client state (acks, baselines, inputs).
 //! - [`client`]: the client's session state machine and server-tick estimator.
+//! - [`netcode`]: client prediction/reconciliation, interpolation, adaptive input lead.
 //! - [`map`]: map format (TOML text).
 //! - [`sim`]: the deterministic simulation step.
 
@@ -35,6 +36,7 @@ pub mod input;
 pub mod link;
 pub mod lobby;
 pub mod map;
+pub mod netcode;
 pub mod quant;
 pub mod session;
 pub mod sim;

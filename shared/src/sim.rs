@@ -93,6 +93,8 @@ pub enum SimEvent {
         shooter: EntityId,
         /// What the shot struck.
         hit: Option<EntityId>,
+        /// True when the shot was judged against rewound (lag-compensated) target positions.
+        compensated: bool,
     },
     /// An NPC was destroyed (its slot is freed, and a new NPC spawned).
     Destroyed(EntityId),
@@ -311,10 +313,22 @@ impl World {
     /// Advances one tick. `inputs` gives each player avatar's input for the new tick (avatars without
     /// one stand still). Returns what happened.
     pub fn step(&mut self, inputs: &[(EntityId, InputCmd)], events: &mut Vec<SimEvent>) {
+        self.step_with(inputs, &mut |_, _| None, events);
+    }
+
+    /// [`World::step`] with lag compensation: for each shot, `rewind(shooter, input)` may return the
+    /// positions of the potential targets as the shooter saw them; the shot is then judged against
+    /// those (walls from the map) instead of the present positions.
+    pub fn step_with(
+        &mut self,
+        inputs: &[(EntityId, InputCmd)],
+        rewind: &mut dyn FnMut(EntityId, &InputCmd) -> Option<Vec<(EntityId, Vec2)>>,
+        events: &mut Vec<SimEvent>,
+    ) {
         self.tick = self.tick.next();
         let dt = self.dt;
         let fire_ticks = (FIRE_INTERVAL_S * self.cfg.tick_rate as f32).ceil() as u16;
-        let mut shots: Vec<(EntityId, Vec2, Vec2)> = Vec::new();
+        let mut shots: Vec<(EntityId, Vec2, Vec2, InputCmd)> = Vec::new();
         for (id, cmd) in inputs {
             let Some(e) = self
                 .slots
@@ -327,7 +341,7 @@ impl World {
             step_player(e, cmd, &self.map, dt);
             if cmd.fire() && e.cooldown == 0 {
                 e.cooldown = fire_ticks;
-                shots.push((e.id, e.pos, Vec2::from_angle(dequantize_yaw(e.yaw))));
+                shots.push((e.id, e.pos, Vec2::from_angle(dequantize_yaw(e.yaw)), *cmd));
             }
         }
         for i in 0..self.slots.len() {
@@ -341,9 +355,17 @@ impl World {
                 step_npc(e, turn.then_some(heading), &self.map, dt);
             }
         }
-        for (shooter, origin, dir) in shots {
-            let hit = self.hitscan(shooter, origin, dir);
-            events.push(SimEvent::Shot { shooter, hit });
+        for (shooter, origin, dir, cmd) in shots {
+            let (hit, compensated) = match rewind(shooter, &cmd) {
+                Some(targets) => (self.hitscan_at(shooter, origin, dir, &targets), true),
+                None => (self.hitscan(shooter, origin, dir), false),
+            };
+            let hit = hit.filter(|h| self.entity(*h).is_some());
+            events.push(SimEvent::Shot {
+                shooter,
+                hit,
+                compensated,
+            });
             if let Some(target) = hit {
                 self.damage(target, events);
             }
@@ -394,6 +416,35 @@ impl World {
                 if t < best {
                     best = t;
                     hit = Some(e.id);
+                }
+            }
+        }
+        hit
+    }
+
+    /// Like `hitscan`, against given target positions (a rewound view).
+    fn hitscan_at(
+        &self,
+        shooter: EntityId,
+        origin: Vec2,
+        dir: Vec2,
+        targets: &[(EntityId, Vec2)],
+    ) -> Option<EntityId> {
+        let mut best = WEAPON_RANGE;
+        for w in &self.map.walls {
+            if let Some(t) = ray_box(origin, dir, w.min, w.max) {
+                best = best.min(t);
+            }
+        }
+        let mut hit = None;
+        for (id, pos) in targets {
+            if *id == shooter {
+                continue;
+            }
+            if let Some(t) = ray_circle(origin, dir, *pos, ENTITY_RADIUS) {
+                if t < best {
+                    best = t;
+                    hit = Some(*id);
                 }
             }
         }
@@ -585,6 +636,8 @@ mod tests {
                     move_y: 0.0,
                     aim: t as f32 * 0.01,
                     buttons: 1,
+                    view_tick: w.tick().next(),
+                    view_frac: 0,
                 };
                 w.step(&[(p, cmd)], &mut ev);
                 w.snapshot()

@@ -124,6 +124,8 @@ impl Harness {
                 input_redundancy: 4,
                 players: vec![],
                 chat_seq: 0,
+                walls: vec![],
+                lag_comp_ms: 200,
             };
             let server = ServerSession::new(i as u32 + 1, avatar, world.tick().next(), 64);
             let client = ClientSession::new(welcome, Duration::ZERO);
@@ -242,6 +244,7 @@ fn wander(step: u64, i: usize) -> InputCmd {
         move_y: a.sin() * 0.9,
         aim: a,
         buttons: u8::from(step.is_multiple_of(20)),
+        ..InputCmd::idle(Tick(0))
     }
 }
 

@@ -161,6 +161,10 @@ pub struct Welcome {
     pub players: Vec<PlayerInfo>,
     /// Server-assigned sequence number of the newest chat line before this player joined.
     pub chat_seq: u64,
+    /// The map's walls as `[min_x, min_y, max_x, max_y]`, so the client can predict collisions.
+    pub walls: Vec<[f32; 4]>,
+    /// Lag-compensation window, ms: shots whose view time is older are judged at the present.
+    pub lag_comp_ms: u16,
 }
 
 /// Why a `hello` was refused.
@@ -250,6 +254,26 @@ pub enum ServerMsg {
         id: u32,
         /// Why.
         reason: LeaveReason,
+    },
+    /// The outcome of one of this client's shots (lag-compensated).
+    ShotResult {
+        /// Tick the shot was fired at (the input's tick).
+        tick: Tick,
+        /// The entity hit, if any.
+        hit: Option<EntityId>,
+        /// False when the view time was outside the lag-compensation window (judged at the present).
+        compensated: bool,
+    },
+    /// Once a second: how this client's inputs fared on the server (cumulative counts).
+    InputStats {
+        /// Inputs applied at their own tick.
+        applied: u64,
+        /// Ticks simulated without this client's input.
+        missing: u64,
+        /// Inputs that arrived after their tick.
+        late: u64,
+        /// Redundant copies dropped.
+        duplicates: u64,
     },
     /// A non-fatal error about the client's last message.
     Error {
@@ -365,6 +389,8 @@ mod tests {
                     move_y: -0.8,
                     aim: 1.0,
                     buttons: 1,
+                    view_tick: Tick(t),
+                    view_frac: 0,
                 })
                 .collect(),
         };

@@ -79,6 +79,8 @@ fn cubes(one_way: u32) -> Scenario {
         input_redundancy: 4,
         players: vec![],
         chat_seq: 0,
+        walls: vec![],
+        lag_comp_ms: 200,
     };
     let period = Duration::from_secs_f64(1.0 / f64::from(HZ));
     let mut server = ServerSession::new(1, welcome.avatar, Tick(1), 64);

@@ -1,0 +1,389 @@
+//! Client-side netcode, sans-IO: prediction and reconciliation of the client's own avatar with the
+//! shared simulation step, interpolation of everything else from a jitter-adaptive snapshot buffer
+//! with bounded extrapolation, and the adaptive input lead. [`crate::client::ClientSession`] owns one
+//! of each and feeds them; time is passed in.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use glam::Vec2;
+
+use crate::assembler::BaselineRing;
+use crate::entity::{EntityId, EntityKind, EntityState};
+use crate::input::InputCmd;
+use crate::map::Map;
+use crate::quant::{dequantize_vel, dequantize_yaw, POS_QUANTUM};
+use crate::sim::{step_player, Entity};
+use crate::snapshot::Snapshot;
+use crate::tick::Tick;
+
+/// Predicted ticks remembered for error measurement and replay.
+const PREDICTION_WINDOW: usize = 256;
+/// A correction larger than this snaps instead of being smoothed, units.
+const MAX_SMOOTHED: f32 = 2.0;
+/// Fraction of the visual correction offset kept per tick.
+const SMOOTHING: f32 = 0.8;
+
+/// Converts replicated state into a simulation entity (exact: the state is on the grid).
+#[must_use]
+pub fn entity_from_state(s: &EntityState) -> Entity {
+    Entity {
+        id: s.id,
+        kind: s.kind,
+        pos: Vec2::new(s.qx as f32 * POS_QUANTUM, s.qy as f32 * POS_QUANTUM),
+        vel: Vec2::new(dequantize_vel(s.qvx), dequantize_vel(s.qvy)),
+        yaw: s.yaw,
+        health: s.health,
+        cooldown: 0,
+    }
+}
+
+/// Prediction and reconciliation of the client's own avatar.
+#[derive(Debug, Clone)]
+pub struct Predictor {
+    /// The map (walls and bounds) the avatar collides with.
+    map: Map,
+    /// Seconds per tick.
+    dt: f32,
+    /// The avatar predicted.
+    avatar: EntityId,
+    /// Predicted avatar after the input of the given tick.
+    current: Option<(Tick, Entity)>,
+    /// Inputs not yet covered by a snapshot, oldest first.
+    unacked: VecDeque<InputCmd>,
+    /// Predicted position after each recent input tick.
+    history: VecDeque<(Tick, Vec2)>,
+    /// Visual offset that smooths corrections away.
+    offset: Vec2,
+    /// Prediction errors (units), one per snapshot that had a prediction for its tick; drained by
+    /// the shell.
+    pub errors: Vec<f32>,
+    /// Snapshots whose authoritative avatar differed from the prediction.
+    pub corrections: u64,
+}
+
+impl Predictor {
+    /// A predictor for `avatar` on `map` at `tick_rate`.
+    #[must_use]
+    pub fn new(map: Map, tick_rate: u32, avatar: EntityId) -> Self {
+        Self {
+            map,
+            dt: 1.0 / tick_rate.max(1) as f32,
+            avatar,
+            current: None,
+            unacked: VecDeque::new(),
+            history: VecDeque::new(),
+            offset: Vec2::ZERO,
+            errors: Vec::new(),
+            corrections: 0,
+        }
+    }
+
+    fn remember(&mut self, tick: Tick, pos: Vec2) {
+        if let Some(h) = self.history.iter_mut().rev().find(|h| h.0 == tick) {
+            h.1 = pos;
+            return;
+        }
+        if self.history.len() >= PREDICTION_WINDOW {
+            self.history.pop_front();
+        }
+        self.history.push_back((tick, pos));
+    }
+
+    /// A newly stamped input (ticks strictly increasing): predict its effect.
+    pub fn on_input(&mut self, cmd: InputCmd) {
+        if self.unacked.len() >= PREDICTION_WINDOW {
+            self.unacked.pop_front();
+        }
+        self.unacked.push_back(cmd);
+        self.offset *= SMOOTHING;
+        if let Some((t, e)) = &mut self.current {
+            if cmd.tick.is_after(*t) {
+                step_player(e, &cmd, &self.map, self.dt);
+                *t = cmd.tick;
+                let p = e.pos;
+                self.remember(cmd.tick, p);
+            }
+        }
+    }
+
+    /// A complete snapshot arrived: measure the prediction error at its tick, then reset to the
+    /// authoritative state and replay the inputs after it. Returns the error, if one was measured.
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Option<f32> {
+        let s = snap
+            .get(self.avatar.index)
+            .filter(|s| s.id == self.avatar)?;
+        let auth = entity_from_state(s);
+        let err = self
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.0 == snap.tick)
+            .map(|h| h.1.distance(auth.pos));
+        let old_display = self.display_pos();
+        while self
+            .unacked
+            .front()
+            .is_some_and(|c| !c.tick.is_after(snap.tick))
+        {
+            self.unacked.pop_front();
+        }
+        let mut e = auth;
+        let mut t = snap.tick;
+        let replay: Vec<InputCmd> = self.unacked.iter().copied().collect();
+        for c in &replay {
+            step_player(&mut e, c, &self.map, self.dt);
+            t = c.tick;
+            self.remember(t, e.pos);
+        }
+        let new_pos = e.pos;
+        self.current = Some((t, e));
+        if let Some(err) = err {
+            self.errors.push(err);
+            if err > 0.0 {
+                self.corrections += 1;
+                let jump = old_display.map_or(Vec2::ZERO, |d| d - new_pos);
+                self.offset = if jump.length() <= MAX_SMOOTHED {
+                    jump
+                } else {
+                    Vec2::ZERO
+                };
+            }
+        }
+        err
+    }
+
+    /// The predicted avatar (simulation state) and the input tick it reflects.
+    #[must_use]
+    pub fn predicted(&self) -> Option<(Tick, &Entity)> {
+        self.current.as_ref().map(|(t, e)| (*t, e))
+    }
+
+    /// Where to draw the avatar: the prediction plus the decaying correction offset.
+    #[must_use]
+    pub fn display_pos(&self) -> Option<Vec2> {
+        self.current.as_ref().map(|(_, e)| e.pos + self.offset)
+    }
+}
+
+/// One entity of an interpolated view.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ViewEntity {
+    /// Identity.
+    pub id: EntityId,
+    /// Kind.
+    pub kind: EntityKind,
+    /// Interpolated (or extrapolated) position, units.
+    pub pos: Vec2,
+    /// Orientation, radians (of the earlier snapshot).
+    pub yaw: f32,
+    /// Health.
+    pub health: u8,
+}
+
+/// What the client shows at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterpView {
+    /// The snapshot tick the view is at or after.
+    pub tick: Tick,
+    /// Fraction of a tick past `tick`, 0..1.
+    pub frac: f32,
+    /// Entities.
+    pub entities: Vec<ViewEntity>,
+    /// True when no later snapshot was there and positions were extrapolated (an underrun).
+    pub extrapolated: bool,
+}
+
+/// Jitter-adaptive interpolation of remote entities.
+#[derive(Debug, Clone)]
+pub struct Interpolator {
+    /// Ticks per second.
+    rate: f64,
+    /// Arrival jitter estimate (RFC 3550 style), ticks.
+    jitter: f64,
+    /// Largest recent gap between consecutive snapshot ticks (decays), ticks.
+    gap: f64,
+    /// The last snapshot's tick and arrival time.
+    last: Option<(Tick, Duration)>,
+    /// Current interpolation delay behind the newest-snapshot clock, ticks.
+    delay: f64,
+    /// Frames sampled.
+    pub frames: u64,
+    /// Frames that had to extrapolate (no later snapshot yet).
+    pub underruns: u64,
+}
+
+/// Extrapolation is bounded to this many ticks past the newest snapshot.
+pub const MAX_EXTRAPOLATION_TICKS: f64 = 6.0;
+
+impl Interpolator {
+    /// An interpolator at `tick_rate`.
+    #[must_use]
+    pub fn new(tick_rate: u32) -> Self {
+        Self {
+            rate: f64::from(tick_rate.max(1)),
+            jitter: 0.0,
+            gap: 1.0,
+            last: None,
+            delay: 2.0,
+            frames: 0,
+            underruns: 0,
+        }
+    }
+
+    /// A complete snapshot of `tick` arrived at `now`.
+    pub fn on_snapshot(&mut self, tick: Tick, now: Duration) {
+        if let Some((t, at)) = self.last {
+            let ticks = f64::from(tick.diff(t));
+            if ticks > 0.0 {
+                let d = (now.as_secs_f64() - at.as_secs_f64()) * self.rate - ticks;
+                self.jitter += (d.abs() - self.jitter) / 16.0;
+                self.gap = (self.gap * 0.995).max(ticks).max(1.0);
+            }
+        }
+        self.last = Some((tick, now));
+    }
+
+    /// The delay the buffer aims for: one tick of margin, the largest recent gap, three jitters.
+    #[must_use]
+    pub fn target_delay(&self) -> f64 {
+        (1.0 + self.gap + 3.0 * self.jitter).clamp(2.0, 12.0)
+    }
+
+    /// Current delay, ticks.
+    #[must_use]
+    pub fn delay(&self) -> f64 {
+        self.delay
+    }
+
+    /// Arrival jitter estimate, ticks.
+    #[must_use]
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// Samples the view at render time `render` (fractional ticks since `anchor`), from `snaps`.
+    pub fn sample(
+        &mut self,
+        anchor: Tick,
+        render_since_anchor: f64,
+        snaps: &BaselineRing,
+    ) -> Option<InterpView> {
+        let target = self.target_delay();
+        // Grow quickly, shrink slowly (a time-stretch, not a jump).
+        self.delay += if target > self.delay {
+            (target - self.delay) * 0.2
+        } else {
+            (target - self.delay) * 0.01
+        };
+        let t = render_since_anchor - self.delay;
+        let base = t.floor();
+        let tick = anchor.add(base as i64 as u32);
+        let frac = (t - base) as f32;
+        let (a, b) = snaps.around(tick);
+        let a = a?;
+        self.frames += 1;
+        match b {
+            Some(b) => {
+                let span = b.tick.diff(a.tick).max(1) as f32;
+                let w = ((tick.diff(a.tick) as f32 + frac) / span).clamp(0.0, 1.0);
+                Some(InterpView {
+                    tick,
+                    frac,
+                    entities: lerp_entities(a, b, w),
+                    extrapolated: false,
+                })
+            }
+            None => {
+                self.underruns += 1;
+                let ahead = (f64::from(tick.diff(a.tick)) + f64::from(frac))
+                    .clamp(0.0, MAX_EXTRAPOLATION_TICKS);
+                let secs = (ahead / self.rate) as f32;
+                let entities = a
+                    .entities
+                    .iter()
+                    .map(|e| {
+                        let v = Vec2::new(dequantize_vel(e.qvx), dequantize_vel(e.qvy));
+                        ViewEntity {
+                            pos: pos_of(e) + v * secs,
+                            ..view_of(e)
+                        }
+                    })
+                    .collect();
+                Some(InterpView {
+                    tick,
+                    frac,
+                    entities,
+                    extrapolated: true,
+                })
+            }
+        }
+    }
+}
+
+fn pos_of(e: &EntityState) -> Vec2 {
+    Vec2::new(e.qx as f32 * POS_QUANTUM, e.qy as f32 * POS_QUANTUM)
+}
+
+fn view_of(e: &EntityState) -> ViewEntity {
+    ViewEntity {
+        id: e.id,
+        kind: e.kind,
+        pos: pos_of(e),
+        yaw: dequantize_yaw(e.yaw),
+        health: e.health,
+    }
+}
+
+fn lerp_entities(a: &Snapshot, b: &Snapshot, w: f32) -> Vec<ViewEntity> {
+    a.entities
+        .iter()
+        .map(|e| match b.get(e.id.index).filter(|n| n.id == e.id) {
+            Some(n) => ViewEntity {
+                pos: pos_of(e).lerp(pos_of(n), w),
+                ..view_of(e)
+            },
+            None => view_of(e),
+        })
+        .collect()
+}
+
+/// The adaptive part of the input lead: stamp inputs `rtt·rate + margin` ticks ahead, where the
+/// margin covers the measured jitter and grows when the server reports late inputs.
+#[derive(Debug, Clone)]
+pub struct LeadControl {
+    /// Extra ticks added after late-input reports (decays when none are reported).
+    boost: f64,
+    /// Last late-input count the server reported.
+    last_late: u64,
+}
+
+/// The smallest margin, ticks (scheduling noise of both ends).
+pub const MIN_MARGIN_TICKS: f64 = 0.25;
+
+impl Default for LeadControl {
+    fn default() -> Self {
+        Self {
+            boost: 0.0,
+            last_late: 0,
+        }
+    }
+}
+
+impl LeadControl {
+    /// The margin in ticks for an arrival jitter of `jitter_ticks`.
+    #[must_use]
+    pub fn margin(&self, jitter_ticks: f64) -> f64 {
+        (MIN_MARGIN_TICKS + 3.0 * jitter_ticks + self.boost).min(16.0)
+    }
+
+    /// The server's cumulative late-input count (sent once a second).
+    pub fn on_late_report(&mut self, late: u64) {
+        if late > self.last_late {
+            self.boost = (self.boost + 0.5).min(4.0);
+        } else {
+            self.boost = (self.boost - 0.1).max(0.0);
+        }
+        self.last_late = late;
+    }
+}
