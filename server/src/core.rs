@@ -472,7 +472,7 @@ impl ServerCore {
             self.recent.pop_front();
         }
         self.recent.push_back(snap.clone());
-        if snap.tick.0 % self.cfg.tick_rate == 0 {
+        if snap.tick.0.is_multiple_of(self.cfg.tick_rate) {
             for (conn, p) in &self.players {
                 let c = p.session.inputs.counters;
                 let stats = ServerMsg::InputStats {

@@ -387,3 +387,154 @@ impl LeadControl {
         self.last_late = late;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn snap(t: u32, x: u32) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            tick: Tick(t),
+            entities: vec![EntityState {
+                id: EntityId {
+                    index: 3,
+                    generation: 1,
+                },
+                kind: EntityKind::Npc,
+                qx: x,
+                qy: 0,
+                qvx: 64, // 2 units/s
+                qvy: 0,
+                yaw: 0,
+                health: 100,
+            }],
+        })
+    }
+
+    #[test]
+    fn clean_stream_interpolates_about_two_ticks_back_and_a_stall_extrapolates_boundedly() {
+        let rate = 60;
+        let mut ring = BaselineRing::new(64);
+        let mut it = Interpolator::new(rate);
+        let period = 1.0 / 60.0;
+        for t in 0..120u32 {
+            let now = Duration::from_secs_f64(f64::from(t) * period);
+            ring.push(snap(t, t * 2));
+            it.on_snapshot(Tick(t), now);
+            // Render at the newest tick's clock.
+            let v = it.sample(Tick(0), f64::from(t), &ring);
+            if t > 10 {
+                let v = v.unwrap_or_else(|| panic!("no view at {t}"));
+                assert!(!v.extrapolated);
+                let x = v.entities[0].pos.x / POS_QUANTUM;
+                assert!((x - (f32::from(t as u16) - it.delay() as f32) * 2.0).abs() < 0.01);
+            }
+        }
+        assert!(
+            (2.0..=3.0).contains(&it.delay()),
+            "delay {} ticks on a clean link",
+            it.delay()
+        );
+        assert_eq!(it.underruns, 0);
+        // The stream stops: the view extrapolates, but never more than MAX_EXTRAPOLATION_TICKS.
+        for k in 1..30u32 {
+            let v = it
+                .sample(Tick(0), f64::from(119 + k), &ring)
+                .unwrap_or_else(|| panic!("no view"));
+            let x = v.entities[0].pos.x / POS_QUANTUM;
+            // 2 units/s for at most 6 ticks = 0.2 units = 12.8 quanta past the last snapshot.
+            assert!(x <= 119.0 * 2.0 + 12.8 + 0.01, "extrapolated to {x}");
+        }
+        assert!(it.underruns > 20);
+    }
+
+    #[test]
+    fn jitter_and_gaps_grow_the_delay() {
+        let mut it = Interpolator::new(60);
+        let mut ring = BaselineRing::new(64);
+        let mut now = 0.0;
+        for t in 0..300u32 {
+            if t % 10 == 3 {
+                continue; // a lost snapshot every 10
+            }
+            now = f64::from(t) / 60.0 + if t % 2 == 0 { 0.008 } else { 0.0 };
+            ring.push(snap(t, t));
+            it.on_snapshot(Tick(t), Duration::from_secs_f64(now));
+            let _ = it.sample(Tick(0), now * 60.0, &ring);
+        }
+        assert!(it.delay() > 3.0, "delay {}", it.delay());
+        assert!(now > 0.0);
+    }
+
+    #[test]
+    fn prediction_replays_unacked_inputs_exactly() {
+        let map = Map::open(50.0, 50.0);
+        let avatar = EntityId {
+            index: 0,
+            generation: 1,
+        };
+        let mut p = Predictor::new(map.clone(), 60, avatar);
+        let start = EntityState {
+            id: avatar,
+            kind: EntityKind::Player,
+            qx: 640,
+            qy: 640,
+            qvx: 0,
+            qvy: 0,
+            yaw: 0,
+            health: 100,
+        };
+        let s0 = Snapshot {
+            tick: Tick(10),
+            entities: vec![start],
+        };
+        assert_eq!(p.on_snapshot(&s0), None, "nothing predicted yet");
+        let cmd = |t: u32| InputCmd {
+            move_x: 1.0,
+            ..InputCmd::idle(Tick(t))
+        };
+        for t in 11..=20 {
+            p.on_input(cmd(t));
+        }
+        // The server's authoritative run of the same inputs: identical to the prediction.
+        let mut e = entity_from_state(&start);
+        for t in 11..=15 {
+            step_player(&mut e, &cmd(t), &map, 1.0 / 60.0);
+        }
+        let auth = e.state(&crate::quant::PosQuant::new(50.0, 50.0));
+        assert_eq!(
+            p.on_snapshot(&Snapshot {
+                tick: Tick(15),
+                entities: vec![auth]
+            }),
+            Some(0.0)
+        );
+        for t in 16..=20 {
+            step_player(&mut e, &cmd(t), &map, 1.0 / 60.0);
+        }
+        let (t, pred) = p.predicted().unwrap_or_else(|| panic!("no prediction"));
+        assert_eq!(
+            (t, pred.pos, pred.vel),
+            (Tick(20), e.pos, e.vel),
+            "replayed 16..=20 exactly"
+        );
+        // The server missed input 16 (it repeated 15's instead: same here) — now a real mismatch:
+        // the server says the avatar was knocked back; the client reconciles and smooths.
+        let knocked = EntityState { qx: 100, ..auth };
+        let err = p
+            .on_snapshot(&Snapshot {
+                tick: Tick(16),
+                entities: vec![knocked],
+            })
+            .unwrap_or(0.0);
+        assert!(err > 1.0);
+        assert_eq!(p.corrections, 1);
+        let (t, _) = p.predicted().unwrap_or_else(|| panic!("no prediction"));
+        assert_eq!(
+            t,
+            Tick(20),
+            "inputs 17..=20 replayed on the corrected state"
+        );
+    }
+}

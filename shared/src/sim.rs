@@ -73,6 +73,10 @@ impl Entity {
     }
 }
 
+/// Lag-compensation hook: given the shooter and its input, the target positions it saw (or `None`
+/// to judge the shot at the present).
+pub type Rewind<'a> = dyn FnMut(EntityId, &InputCmd) -> Option<Vec<(EntityId, Vec2)>> + 'a;
+
 /// Settings of a world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimConfig {
@@ -322,7 +326,7 @@ impl World {
     pub fn step_with(
         &mut self,
         inputs: &[(EntityId, InputCmd)],
-        rewind: &mut dyn FnMut(EntityId, &InputCmd) -> Option<Vec<(EntityId, Vec2)>>,
+        rewind: &mut Rewind<'_>,
         events: &mut Vec<SimEvent>,
     ) {
         self.tick = self.tick.next();

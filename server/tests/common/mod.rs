@@ -7,6 +7,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod memory;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
