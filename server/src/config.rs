@@ -105,10 +105,17 @@ impl ServerConfig {
                 self.tick_rate
             );
         }
-        if self.max_players == 0 || self.max_players > 4096 {
+        let most = quicktick_shared::wire::MAX_PLAYERS;
+        if self.max_players == 0 || self.max_players > most {
             bail!(
-                "max_players must be within 1..=4096 (got {})",
+                "max_players must be within 1..={most} (got {})",
                 self.max_players
+            );
+        }
+        if self.datagram_send_buffer < 4096 {
+            bail!(
+                "datagram_send_buffer must be at least 4096 bytes (got {})",
+                self.datagram_send_buffer
             );
         }
         if self.npc_count > 60_000 {
@@ -209,6 +216,14 @@ mod tests {
             },
             ServerConfig {
                 keep_alive_ms: 6000,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                max_players: 129,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                datagram_send_buffer: 0,
                 ..ServerConfig::default()
             },
         ] {

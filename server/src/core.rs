@@ -86,6 +86,8 @@ pub struct CoreCounters {
     pub refusals: u64,
     /// Chat lines accepted.
     pub chat_lines: u64,
+    /// Chat lines dropped by the per-player rate limit.
+    pub chat_rate_limited: u64,
     /// Keyframes sent.
     pub keyframes: u64,
     /// Deltas sent.
@@ -139,6 +141,8 @@ struct Player {
     link: LinkState,
     /// Interest, priority and budget state.
     replicator: Replicator,
+    /// Tick of the last rate-limit notice sent to this player.
+    rate_notice: Option<u64>,
 }
 
 /// The authoritative server state.
@@ -371,6 +375,7 @@ impl ServerCore {
         let history = self.cfg.snapshot_history as usize;
         let session = ServerSession::new(info.id, avatar, self.world.tick().next(), history);
         let player = Player {
+            rate_notice: None,
             session,
             info,
             link: LinkState::default(),
@@ -380,11 +385,34 @@ impl ServerCore {
     }
 
     fn chat(&mut self, conn: ConnId, client_msg_id: u32, text: &str, out: &mut Vec<CoreOutput>) {
-        let Some(p) = self.players.get(&conn) else {
+        let now = std::time::Duration::from_secs_f64(
+            self.counters.ticks as f64 / f64::from(self.cfg.tick_rate),
+        );
+        let ticks = self.counters.ticks;
+        let rate = u64::from(self.cfg.tick_rate);
+        let Some(p) = self.players.get_mut(&conn) else {
             self.counters.stray_events += 1;
             return;
         };
-        match self.lobby.chat(p.info.id, client_msg_id, text) {
+        match self.lobby.chat(p.info.id, client_msg_id, text, now) {
+            ChatOutcome::RateLimited => {
+                self.counters.chat_rate_limited += 1;
+                // Tell the sender, at most once a second (the notices must not flood it either).
+                if p.rate_notice.is_none_or(|t| ticks >= t + rate) {
+                    p.rate_notice = Some(ticks);
+                    out.push(CoreOutput::Frame(
+                        conn,
+                        ServerMsg::Error {
+                            code: ErrorCode::RateLimited,
+                            detail: format!(
+                                "chat limited to {} lines/s (burst {}); line {client_msg_id} dropped",
+                                quicktick_shared::lobby::CHAT_RATE_PER_S,
+                                quicktick_shared::lobby::CHAT_BURST
+                            ),
+                        },
+                    ));
+                }
+            }
             ChatOutcome::Accepted(line) => {
                 self.counters.chat_lines += 1;
                 self.broadcast(out, |_| ServerMsg::Chat(line.clone()));

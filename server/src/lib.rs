@@ -53,6 +53,7 @@ pub struct Server {
     stats: Arc<ServerStats>,
     published: Arc<Published>,
     stop_tick: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
     stop_accept: watch::Sender<bool>,
     tick_thread: Option<std::thread::JoinHandle<()>>,
     accept_task: tokio::task::JoinHandle<()>,
@@ -66,6 +67,7 @@ impl Server {
         let stats = Arc::new(ServerStats::default());
         let published = Arc::new(Published::default());
         let stop_tick = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
         let thread = tick_loop::TickThread {
@@ -76,6 +78,7 @@ impl Server {
             stats: stats.clone(),
             published: published.clone(),
             stop: stop_tick.clone(),
+            failed: failed.clone(),
             tick_rate: cfg.tick_rate,
             max_catchup: cfg.max_catchup_ticks,
             out: Vec::new(),
@@ -98,6 +101,7 @@ impl Server {
             stats,
             published,
             stop_tick,
+            failed,
             stop_accept,
             tick_thread: Some(tick_thread),
             accept_task,
@@ -119,6 +123,19 @@ impl Server {
     #[must_use]
     pub fn published(&self) -> &Arc<Published> {
         &self.published
+    }
+
+    /// True when the tick thread died (a bug): the server no longer simulates and should stop.
+    #[must_use]
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Completes when the tick thread has died.
+    pub async fn wait_failed(&self) {
+        while !self.failed() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Graceful shutdown: stop accepting, close every player with the reason "server shutting down"
@@ -151,6 +168,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<StatsSnapshot> {
     let server = Server::start(endpoint, cfg, map)?;
-    shutdown.await;
-    Ok(server.shutdown().await)
+    let failed = tokio::select! {
+        () = shutdown => false,
+        () = server.wait_failed() => true,
+    };
+    let stats = server.shutdown().await;
+    if failed {
+        anyhow::bail!("the tick thread failed (see the log); every client was closed with code 6");
+    }
+    Ok(stats)
 }

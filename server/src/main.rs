@@ -83,12 +83,19 @@ fn real_main() -> anyhow::Result<()> {
         (Some(c), Some(k)) => tls::load_pem(c, k)?,
         _ => tls::load_or_create_dev_cert(&cfg.dev_cert_dir)?,
     };
-    if let Some(d) = args.duration {
-        anyhow::ensure!(
-            d.is_finite() && d > 0.0,
-            "--duration must be a positive number of seconds"
-        );
-    }
+    let duration = match args.duration {
+        Some(d) => Some(
+            Duration::try_from_secs_f64(d)
+                .ok()
+                .filter(|d| !d.is_zero() && d.as_secs() <= 100 * 365 * 86_400)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--duration must be a positive number of seconds (at most 100 years)"
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -105,8 +112,8 @@ fn real_main() -> anyhow::Result<()> {
         );
         let stop = async move {
             let duration = async {
-                match args.duration {
-                    Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
                     None => std::future::pending().await,
                 }
             };

@@ -100,6 +100,8 @@ pub(crate) struct TickThread {
     pub stats: Arc<ServerStats>,
     pub published: Arc<Published>,
     pub stop: Arc<AtomicBool>,
+    /// Set when the tick thread died of a panic (the server must stop).
+    pub failed: Arc<AtomicBool>,
     pub tick_rate: u32,
     pub max_catchup: u32,
     pub out: Vec<CoreOutput>,
@@ -136,7 +138,23 @@ impl TickThread {
                 self.shutdown();
                 return;
             }
-            self.tick_once();
+            let tick = std::panic::AssertUnwindSafe(|| self.tick_once());
+            if let Err(panic) = std::panic::catch_unwind(tick) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(
+                    "tick thread panicked ({what}): closing every connection and stopping"
+                );
+                for l in self.links.values() {
+                    l.conn
+                        .close(close::INTERNAL_ERROR.into(), b"internal server error");
+                }
+                self.failed.store(true, Ordering::Release);
+                return;
+            }
             n += 1;
             let took = began.elapsed();
             let us = took.as_micros() as u64;
@@ -277,6 +295,8 @@ impl TickThread {
                                 close::SLOW_CONSUMER.into(),
                                 b"slow consumer: stream queue full",
                             );
+                            // Once: later outputs for it are skipped until its task reports it gone.
+                            self.links.remove(&c);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }

@@ -36,6 +36,25 @@ pub fn load_pem(cert: &Path, key: &Path) -> anyhow::Result<CertKey> {
     let key_der = rustls_pemfile::private_key(&mut key_bytes.as_slice())
         .with_context(|| format!("key file {} is not valid PEM", key.display()))?
         .with_context(|| format!("key file {} holds no private key", key.display()))?;
+    // Check the pair now, so a mismatch is reported with both file names.
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key_der.clone_key())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "key file {} is not a usable private key: {e}",
+                key.display()
+            )
+        })?;
+    rustls::sign::CertifiedKey::new(chain.clone(), signing)
+        .keys_match()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "key file {} does not match certificate file {}: {e}",
+                key.display(),
+                cert.display()
+            )
+        })?;
     Ok(CertKey {
         chain,
         key: key_der,
@@ -83,6 +102,25 @@ mod tests {
         let b = load_or_create_dev_cert(&dir).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(a.chain, b.chain);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_naming_both_files() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let a = std::env::temp_dir().join(format!("qt-tls-a-{}", std::process::id()));
+        let b = std::env::temp_dir().join(format!("qt-tls-b-{}", std::process::id()));
+        let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
+        let _ = load_or_create_dev_cert(&a);
+        let _ = load_or_create_dev_cert(&b);
+        let e = load_pem(&dev_paths(&a).0, &dev_paths(&b).1)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            e.contains("does not match") && e.contains("qt-tls-a") && e.contains("qt-tls-b"),
+            "{e}"
+        );
+        let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
     }
 
     #[test]

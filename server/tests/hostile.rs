@@ -193,3 +193,87 @@ async fn shutdown_tells_players_why() {
     assert_eq!(reason, "server shutting down");
     let _ = stop.await;
 }
+
+#[tokio::test]
+async fn input_ticks_half_the_tick_space_away_are_ignored() {
+    use quicktick_shared::input::InputCmd;
+    use quicktick_shared::tick::Tick;
+    use quicktick_shared::wire::InputDatagram;
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let (bystander, _) = RawClient::join(&ep, ts.addr, "bystander").await;
+    let (attacker, w) = RawClient::join(&ep, ts.addr, "half").await;
+    let next = w.server_tick.0.wrapping_add(1);
+    for k in -150i64..=150 {
+        let t = next.wrapping_add(1 << 31).wrapping_add(k as u32);
+        let d = InputDatagram {
+            snapshot_ack: None,
+            inputs: vec![InputCmd::idle(Tick(t))],
+        };
+        attacker
+            .conn
+            .send_datagram(d.encode().unwrap().into())
+            .unwrap();
+    }
+    // Valid encodings with hostile ticks: ignored (counted), nobody is disturbed.
+    assert!(count_datagrams(&bystander.conn, Duration::from_millis(500)).await > 15);
+    assert!(count_datagrams(&attacker.conn, Duration::from_millis(200)).await > 5);
+    assert!(!ts.server.failed());
+    ts.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chat_flood_is_rate_limited_and_disturbs_nobody() {
+    use quicktick_shared::wire::{encode_frame, ErrorCode};
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        readers.push(RawClient::join(&ep, ts.addr, &format!("reader{i}")).await.0);
+    }
+    let (mut attacker, _) = RawClient::join(&ep, ts.addr, "flood").await;
+    let mut buf = Vec::new();
+    for id in 1..=4000u32 {
+        buf.extend(
+            encode_frame(&ClientMsg::Chat {
+                client_msg_id: id,
+                text: "b".repeat(256),
+            })
+            .unwrap(),
+        );
+    }
+    attacker.send.write_all(&buf).await.unwrap();
+    // The attacker hears that it is limited.
+    let mut limited = false;
+    while let Some(m) = attacker.next_msg().await {
+        if matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+        ) {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "no rate-limit notice");
+    // Every reader is still connected and got only the burst.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in &mut readers {
+        assert!(
+            r.conn.close_reason().is_none(),
+            "reader disconnected: {:?}",
+            r.conn.close_reason()
+        );
+        let mut lines = 0;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), r.next_msg()).await
+        {
+            lines += usize::from(matches!(m, ServerMsg::Chat(_)));
+        }
+        assert!(lines <= 10, "{lines} flood lines delivered");
+        assert!(count_datagrams(&r.conn, Duration::from_millis(200)).await > 5);
+    }
+    let s = ts.server.shutdown().await;
+    assert_eq!(s.slow_consumers, 0);
+}

@@ -38,7 +38,7 @@ fn prediction_converges_under_loss_and_is_exact_on_a_clean_link() {
     }
     let mut lossy_errors = Vec::new();
     for c in &mut h.clients {
-        lossy_errors.extend(c.session.predictor_mut().errors.drain(..));
+        lossy_errors.append(&mut c.session.predictor_mut().errors);
     }
     h.heal();
     for _ in 0..60 {

@@ -153,7 +153,7 @@ impl InputBuffer {
     pub fn insert(&mut self, cmd: InputCmd) {
         let d = cmd.tick.diff(self.next);
         if d < 0 {
-            let back = (-d - 1) as u32;
+            let back = (!d) as u32; // = -d - 1, without overflow at i32::MIN
             if back < 64 && self.settled & (1u64 << back) == 0 {
                 self.settled |= 1u64 << back;
                 self.counters.late += 1;
@@ -371,6 +371,10 @@ mod tests {
             b.insert(cmd(t.wrapping_mul(7919), 0.0));
         }
         assert!(b.counters.too_far_ahead > 9_000);
+        // Exactly half the tick space away: the wrapping difference is i32::MIN (no overflow).
+        let next = b.next_tick();
+        b.insert(cmd(next.0.wrapping_add(1 << 31), 0.0));
+        b.insert(cmd(next.0.wrapping_add((1 << 31) + 1), 0.0));
         assert_eq!(b.slots.len(), RING);
     }
 

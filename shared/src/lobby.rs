@@ -5,6 +5,7 @@
 //! dropped, which makes resends idempotent.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::entity::EntityId;
 use crate::wire::{clean_chat, valid_name, ChatLine, PlayerInfo, RefuseReason, PROTOCOL_VERSION};
@@ -15,7 +16,15 @@ struct Member {
     info: PlayerInfo,
     /// Highest client message id accepted from this player.
     last_msg_id: Option<u32>,
+    /// Chat rate-limit tokens (lines) and when they were last refilled.
+    tokens: f64,
+    refilled: Option<Duration>,
 }
+
+/// Chat lines a player may send per second, sustained.
+pub const CHAT_RATE_PER_S: f64 = 2.0;
+/// Chat lines a player may send in a burst.
+pub const CHAT_BURST: f64 = 8.0;
 
 /// Result of a chat request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +37,8 @@ pub enum ChatOutcome {
     Rejected,
     /// The sender is not in the lobby.
     UnknownPlayer,
+    /// The sender exceeded [`CHAT_RATE_PER_S`] (burst [`CHAT_BURST`]): dropped.
+    RateLimited,
 }
 
 /// Lobby state.
@@ -83,6 +94,8 @@ impl Lobby {
             Member {
                 info: info.clone(),
                 last_msg_id: None,
+                tokens: CHAT_BURST,
+                refilled: None,
             },
         );
         info
@@ -94,16 +107,29 @@ impl Lobby {
     }
 
     /// Sequences a chat line.
-    pub fn chat(&mut self, from: u32, client_msg_id: u32, text: &str) -> ChatOutcome {
+    pub fn chat(
+        &mut self,
+        from: u32,
+        client_msg_id: u32,
+        text: &str,
+        now: Duration,
+    ) -> ChatOutcome {
         let Some(m) = self.members.get_mut(&from) else {
             return ChatOutcome::UnknownPlayer;
         };
         if m.last_msg_id.is_some_and(|last| client_msg_id <= last) {
             return ChatOutcome::Duplicate;
         }
+        let since = m.refilled.map_or(Duration::ZERO, |t| now.saturating_sub(t));
+        m.tokens = (m.tokens + since.as_secs_f64() * CHAT_RATE_PER_S).min(CHAT_BURST);
+        m.refilled = Some(now);
+        if m.tokens < 1.0 {
+            return ChatOutcome::RateLimited;
+        }
         let Some(text) = clean_chat(text) else {
             return ChatOutcome::Rejected;
         };
+        m.tokens -= 1.0;
         m.last_msg_id = Some(client_msg_id);
         self.chat_seq += 1;
         ChatOutcome::Accepted(ChatLine {
@@ -149,6 +175,34 @@ mod tests {
     };
 
     #[test]
+    fn chat_rate_is_limited_per_player() {
+        let mut l = Lobby::new(4);
+        let a = l.join("a", AV).id;
+        let b = l.join("b", AV).id;
+        let mut ok = 0;
+        for id in 1..=100u32 {
+            if matches!(
+                l.chat(a, id, "spam", Duration::ZERO),
+                ChatOutcome::Accepted(_)
+            ) {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, CHAT_BURST as usize, "a burst, then nothing");
+        assert!(
+            matches!(l.chat(b, 1, "hi", Duration::ZERO), ChatOutcome::Accepted(_)),
+            "others unaffected"
+        );
+        assert!(
+            matches!(
+                l.chat(a, 101, "later", Duration::from_secs(1)),
+                ChatOutcome::Accepted(_)
+            ),
+            "refilled"
+        );
+    }
+
+    #[test]
     fn join_checks() {
         let mut l = Lobby::new(1);
         assert_eq!(
@@ -173,21 +227,24 @@ mod tests {
         let a = l.join("a", AV).id;
         let b = l.join("b", AV).id;
         assert!(matches!(
-            l.chat(a, 1, "hi"),
+            l.chat(a, 1, "hi", Duration::ZERO),
             ChatOutcome::Accepted(ChatLine { seq: 1, .. })
         ));
         assert!(matches!(
-            l.chat(b, 1, "yo"),
+            l.chat(b, 1, "yo", Duration::ZERO),
             ChatOutcome::Accepted(ChatLine { seq: 2, .. })
         ));
-        assert_eq!(l.chat(a, 1, "hi"), ChatOutcome::Duplicate);
-        assert_eq!(l.chat(a, 2, "\u{7}"), ChatOutcome::Rejected);
-        match l.chat(a, 3, "x\ty") {
+        assert_eq!(l.chat(a, 1, "hi", Duration::ZERO), ChatOutcome::Duplicate);
+        assert_eq!(l.chat(a, 2, "\u{7}", Duration::ZERO), ChatOutcome::Rejected);
+        match l.chat(a, 3, "x\ty", Duration::ZERO) {
             ChatOutcome::Accepted(c) => assert_eq!((c.seq, c.text.as_str()), (3, "xy")),
             other => panic!("{other:?}"),
         }
         l.leave(a);
-        assert_eq!(l.chat(a, 9, "gone"), ChatOutcome::UnknownPlayer);
+        assert_eq!(
+            l.chat(a, 9, "gone", Duration::ZERO),
+            ChatOutcome::UnknownPlayer
+        );
         assert_eq!(l.roster().len(), 1);
     }
 }

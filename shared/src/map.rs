@@ -76,6 +76,9 @@ impl Map {
                 && (0.0..=f.width).contains(&p[0])
                 && (0.0..=f.height).contains(&p[1])
         };
+        if f.walls.len() > crate::wire::MAX_WALLS {
+            return bad(format!("at most {} walls", crate::wire::MAX_WALLS));
+        }
         let mut walls = Vec::with_capacity(f.walls.len());
         for (i, w) in f.walls.iter().enumerate() {
             if !inside(w.min) || !inside(w.max) || w.min[0] >= w.max[0] || w.min[1] >= w.max[1] {

@@ -26,6 +26,10 @@ pub const MAX_FRAME: usize = 8192;
 pub const MAX_CHAT_BYTES: usize = 256;
 /// Longest player name, in bytes of UTF-8.
 pub const MAX_NAME_BYTES: usize = 32;
+/// Most players one server admits (so the welcome's roster fits one frame).
+pub const MAX_PLAYERS: usize = 128;
+/// Most walls a map may have (so the welcome fits one frame).
+pub const MAX_WALLS: usize = 64;
 
 type Limited<const N: usize> = bincode::config::Configuration<
     bincode::config::LittleEndian,
@@ -60,11 +64,15 @@ pub enum WireError {
     Input(#[from] InputError),
 }
 
+/// Most memory one decoded message may claim (bincode counts claimed sizes, which exceed the wire
+/// size: a `Vec<PlayerInfo>` claims `len × size_of::<PlayerInfo>()` before its strings).
+const DECODE_ALLOC_LIMIT: usize = 64 * 1024;
+
 fn decode_exact<T: Decode<()>, const N: usize>(bytes: &[u8]) -> Result<T, WireError> {
     if bytes.len() > N {
         return Err(WireError::TooLarge(bytes.len(), N));
     }
-    let (v, used) = bincode::decode_from_slice(bytes, cfg::<N>())
+    let (v, used) = bincode::decode_from_slice(bytes, cfg::<DECODE_ALLOC_LIMIT>())
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(WireError::Trailing);
@@ -198,6 +206,8 @@ pub enum ErrorCode {
     ChatRejected,
     /// A message that is not valid in the current state (for example a second `hello`).
     UnexpectedMessage,
+    /// Chat lines sent faster than the server's per-player rate limit were dropped.
+    RateLimited,
 }
 
 /// A chat line as the server orders it.
@@ -371,6 +381,8 @@ pub mod close {
     pub const HANDSHAKE_TIMEOUT: u32 = 4;
     /// The client did not read its stream fast enough.
     pub const SLOW_CONSUMER: u32 = 5;
+    /// The server hit an internal error (its simulation stopped); reconnect later.
+    pub const INTERNAL_ERROR: u32 = 6;
 }
 
 #[cfg(test)]
@@ -494,6 +506,65 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.extend(&[0, 6, 0, 1, 253, 0xff, 0xff, 0xff]);
         assert!(dec.next_msg::<ClientMsg>().is_err());
+    }
+
+    #[test]
+    fn frames_up_to_the_limit_decode_and_a_full_lobby_welcome_fits() {
+        // A chat frame of exactly MAX_FRAME payload bytes decodes (the server then rejects the
+        // text as too long, without closing the connection).
+        let mut text = "x".repeat(MAX_FRAME - 8);
+        let mut frame = encode_frame(&ClientMsg::Chat {
+            client_msg_id: 1,
+            text: text.clone(),
+        })
+        .unwrap_or_default();
+        while frame.len() - 2 < MAX_FRAME {
+            text.push('x');
+            frame = encode_frame(&ClientMsg::Chat {
+                client_msg_id: 1,
+                text: text.clone(),
+            })
+            .unwrap_or_default();
+        }
+        assert_eq!(frame.len() - 2, MAX_FRAME);
+        let mut dec = FrameDecoder::new();
+        dec.extend(&frame);
+        assert!(matches!(
+            dec.next_msg::<ClientMsg>(),
+            Ok(Some(ClientMsg::Chat { .. }))
+        ));
+        // The largest lobby (MAX_PLAYERS, longest names) still fits one welcome frame.
+        let players = (0..MAX_PLAYERS as u32)
+            .map(|id| PlayerInfo {
+                id,
+                name: "n".repeat(MAX_NAME_BYTES),
+                avatar: EntityId {
+                    index: 65535,
+                    generation: 65535,
+                },
+            })
+            .collect();
+        let w = Welcome {
+            player_id: 1,
+            tick_rate: 60,
+            map_id: "m".repeat(64),
+            map_width: 1.0,
+            map_height: 1.0,
+            avatar: EntityId {
+                index: 1,
+                generation: 1,
+            },
+            server_tick: Tick(u32::MAX),
+            input_redundancy: 4,
+            players,
+            chat_seq: u64::MAX,
+            walls: vec![[0.0; 4]; 64],
+            lag_comp_ms: 200,
+        };
+        let frame = encode_frame(&ServerMsg::Welcome(w.clone())).unwrap_or_default();
+        let mut dec = FrameDecoder::new();
+        dec.extend(&frame);
+        assert_eq!(dec.next_msg::<ServerMsg>(), Ok(Some(ServerMsg::Welcome(w))));
     }
 
     #[test]
