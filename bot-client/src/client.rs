@@ -117,6 +117,28 @@ pub struct ClientStats {
     pub protocol_anomalies: u64,
     /// `conn.rtt()` sampled every [`RTT_SAMPLE_PERIOD`], microseconds.
     pub rtt_us: Histogram<u64>,
+    /// From sending the input for tick T to the first snapshot showing the server applied T, µs.
+    pub input_to_snapshot_us: Histogram<u64>,
+    /// Own-avatar prediction error at each snapshot tick, micro-units (10⁻⁶ world units).
+    pub prediction_error_uu: Histogram<u64>,
+    /// Snapshots whose authoritative avatar differed from the prediction.
+    pub corrections: u64,
+    /// Interpolated frames drawn after the first second.
+    pub interpolation_frames: u64,
+    /// Of which had no later snapshot and extrapolated (underruns), after the first second.
+    pub interpolation_underruns: u64,
+    /// Shots the server judged for this client.
+    pub shots: u64,
+    /// Of which hit.
+    pub hits: u64,
+    /// Of which were lag-compensated.
+    pub shots_compensated: u64,
+    /// The server's count of this client's inputs applied on time (last report).
+    pub inputs_applied: u64,
+    /// The server's count of this client's late inputs (last report).
+    pub inputs_late: u64,
+    /// The server's count of ticks simulated without this client's input (last report).
+    pub inputs_missing: u64,
 }
 
 /// The movement, aim and buttons held until changed, sent every tick.
@@ -208,8 +230,21 @@ struct Shared {
     lobby: Mutex<LobbyView>,
     /// RTT samples.
     rtt: Mutex<Histogram<u64>>,
+    /// Netcode measurements (input latency, prediction error, interpolation).
+    net: Mutex<NetStats>,
     /// I/O counters.
     io: IoCounters,
+}
+
+/// Netcode measurements of one client.
+#[derive(Debug, Clone)]
+struct NetStats {
+    /// Input-to-snapshot latency, µs.
+    input_to_snapshot_us: Histogram<u64>,
+    /// Prediction error, micro-units (1 unit = 10⁶).
+    prediction_error_uu: Histogram<u64>,
+    /// Interpolation (frames, underruns) counted during the first second, excluded from the report.
+    interp_warmup: Option<(u64, u64)>,
 }
 
 /// The chat sender: id allocation and enqueueing happen under one lock so ids reach the server in
@@ -336,6 +371,12 @@ impl Client {
             session: Mutex::new(ClientSession::new(welcome.clone(), start.elapsed())),
             input: Mutex::new(HeldInput::default()),
             lobby: Mutex::new(LobbyView::new(&welcome, options.chat_log_limit)),
+            net: Mutex::new(NetStats {
+                input_to_snapshot_us: rtt.clone(),
+                prediction_error_uu: Histogram::new_with_bounds(1, 1_000_000_000, 2)
+                    .map_err(|e| ConnectError::Setup(e.to_string()))?,
+                interp_warmup: None,
+            }),
             rtt: Mutex::new(rtt),
             io: IoCounters::default(),
         });
@@ -441,7 +482,13 @@ impl Client {
     #[must_use]
     pub fn stats(&self) -> ClientStats {
         let sh = &self.inner.shared;
-        let session = lock(&sh.session).counters;
+        let (session, corrections, frames, underruns) = {
+            let s = lock(&sh.session);
+            let i = s.interpolator();
+            (s.counters, s.predictor().corrections, i.frames, i.underruns)
+        };
+        let net = lock(&sh.net).clone();
+        let warm = net.interp_warmup.unwrap_or((frames, underruns));
         let lobby = lock(&sh.lobby).counters();
         let rtt_us = lock(&sh.rtt).clone();
         ClientStats {
@@ -460,6 +507,17 @@ impl Client {
             server_errors: lobby.server_errors,
             protocol_anomalies: lobby.unexpected + lobby.presence_anomalies,
             rtt_us,
+            input_to_snapshot_us: net.input_to_snapshot_us,
+            prediction_error_uu: net.prediction_error_uu,
+            corrections,
+            interpolation_frames: frames.saturating_sub(warm.0),
+            interpolation_underruns: underruns.saturating_sub(warm.1),
+            shots: lobby.shots,
+            hits: lobby.hits,
+            shots_compensated: lobby.shots_compensated,
+            inputs_applied: lobby.inputs_applied,
+            inputs_late: lobby.inputs_late,
+            inputs_missing: lobby.inputs_missing,
         }
     }
 
@@ -591,9 +649,26 @@ async fn datagram_reader(conn: quinn::Connection, shared: Arc<Shared>) {
             bump(&io.datagrams_too_large, 1);
         }
         let now = shared.start.elapsed();
-        let result = lock(&shared.session).handle_datagram(&bytes, now);
+        let (result, latencies, errors) = {
+            let mut session = lock(&shared.session);
+            let result = session.handle_datagram(&bytes, now);
+            let latencies = std::mem::take(&mut session.latency_samples);
+            let errors = std::mem::take(&mut session.predictor_mut().errors);
+            (result, latencies, errors)
+        };
         if let Err(e) = result {
             tracing::trace!("snapshot datagram refused: {e}");
+        }
+        if !latencies.is_empty() || !errors.is_empty() {
+            let mut net = lock(&shared.net);
+            for l in latencies {
+                let _ = net
+                    .input_to_snapshot_us
+                    .record((l.as_micros() as u64).max(1));
+            }
+            for e in errors {
+                let _ = net.prediction_error_uu.record((f64::from(e) * 1e6) as u64);
+            }
         }
     }
 }
@@ -607,7 +682,20 @@ async fn input_sender(conn: quinn::Connection, shared: Arc<Shared>, tick_rate: u
         interval.tick().await;
         let cmd = lock(&shared.input).cmd();
         let now = shared.start.elapsed();
-        let built = lock(&shared.session).build_input(now, conn.rtt(), cmd);
+        let (built, frames, underruns) = {
+            let mut session = lock(&shared.session);
+            let built = session.build_input(now, conn.rtt(), cmd);
+            // "Render" a frame: the interpolated view a game would draw now.
+            let _ = session.interpolate(now);
+            let i = session.interpolator();
+            (built, i.frames, i.underruns)
+        };
+        if now >= Duration::from_secs(1) {
+            let mut net = lock(&shared.net);
+            if net.interp_warmup.is_none() {
+                net.interp_warmup = Some((frames, underruns));
+            }
+        }
         let io = &shared.io;
         let bytes = match built {
             Ok(b) => b,

@@ -74,6 +74,16 @@ pub fn client_endpoint(
     bind: SocketAddr,
     trust: &[CertificateDer<'static>],
 ) -> anyhow::Result<quinn::Endpoint> {
+    client_endpoint_with(bind, trust, Ok)
+}
+
+/// [`client_endpoint`] with the runtime's socket passed through `wrap` before quinn gets it (the
+/// link conditioner wraps it).
+pub(crate) fn client_endpoint_with(
+    bind: SocketAddr,
+    trust: &[CertificateDer<'static>],
+    wrap: impl FnOnce(Arc<dyn quinn::AsyncUdpSocket>) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocket>>,
+) -> anyhow::Result<quinn::Endpoint> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = client_config(trust)?;
     let runtime = quinn::default_runtime()
@@ -88,9 +98,17 @@ pub fn client_endpoint(
         }
         Err(e) => tracing::debug!("cannot inspect UDP socket: {e}"),
     }
-    let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-            .with_context(|| format!("cannot create QUIC endpoint on {bind}"))?;
+    let socket = runtime
+        .wrap_udp_socket(socket)
+        .with_context(|| format!("cannot use UDP socket {bind}"))?;
+    let socket = wrap(socket)?;
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("cannot create QUIC endpoint on {bind}"))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

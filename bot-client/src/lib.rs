@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`endpoint`]: trusted certificates and the client QUIC endpoint (TLS, ALPN, transport settings).
+//! - [`conditioner`]: a seeded link conditioner (loss, latency, jitter, duplication per direction)
+//!   wrapping the UDP socket under QUIC, and the conditioned client endpoint.
 //! - [`client`]: [`Client`]: handshake, background tasks (datagrams, inputs, stream), shared state.
 //! - [`lobby`]: the client's view of the lobby: roster, chat log, duplicate/order checks, chat receipts.
 //! - [`behaviour`]: what a bot does each step (wander, unstick, aim, fire), pure and seeded.
@@ -11,6 +13,7 @@
 
 pub mod behaviour;
 pub mod client;
+pub mod conditioner;
 pub mod endpoint;
 pub mod lobby;
 pub mod report;

@@ -40,6 +40,35 @@ impl Percentiles {
     }
 }
 
+/// Mean, 95th percentile and maximum of an error, in world units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorStats {
+    /// Mean.
+    pub mean: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Largest.
+    pub max: f64,
+    /// Samples.
+    pub samples: u64,
+}
+
+impl ErrorStats {
+    /// From a histogram of micro-units.
+    #[must_use]
+    pub fn from_micro_units(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            mean: h.mean() / 1e6,
+            p95: h.value_at_quantile(0.95) as f64 / 1e6,
+            max: h.max() as f64 / 1e6,
+            samples: h.len(),
+        }
+    }
+}
+
 /// The end-of-run report. Counters are sums over all bots that connected, unless said otherwise.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -100,6 +129,28 @@ pub struct Report {
     pub rtt_ms: Percentiles,
     /// RTT samples taken.
     pub rtt_samples: u64,
+    /// From sending the input for tick T to the first snapshot showing the server applied T.
+    pub input_to_snapshot_ms: Percentiles,
+    /// Own-avatar prediction error at each snapshot tick, world units.
+    pub prediction_error: ErrorStats,
+    /// Snapshots whose authoritative avatar differed from the prediction.
+    pub corrections: u64,
+    /// Inputs the server reports as arriving after their tick.
+    pub late_inputs: u64,
+    /// Ticks the server simulated without the bot's input.
+    pub missing_inputs: u64,
+    /// Inputs the server applied on time.
+    pub inputs_applied: u64,
+    /// Interpolated frames drawn after each bot's first second.
+    pub interpolation_frames: u64,
+    /// Of which extrapolated because no later snapshot had arrived.
+    pub interpolation_underruns: u64,
+    /// Shots the server judged.
+    pub shots: u64,
+    /// Of which hit something.
+    pub hits: u64,
+    /// Of which were judged against the rewound view (lag compensation).
+    pub shots_compensated: u64,
     /// Bots whose roster differed from the set of swarm bots connected at the end.
     pub presence_mismatches: u64,
     /// Complete snapshots per second of the slowest bot (over its connected time).
@@ -166,6 +217,8 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         ..Report::default()
     };
     let mut rtt: Option<Histogram<u64>> = None;
+    let mut lat: Option<Histogram<u64>> = None;
+    let mut perr: Option<Histogram<u64>> = None;
     let mut slowest: Option<f64> = None;
     for b in bots {
         let s = &b.stats;
@@ -191,6 +244,26 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         r.chat_out_of_order += s.chat_out_of_order;
         r.server_errors += s.server_errors;
         r.protocol_anomalies += s.protocol_anomalies;
+        r.corrections += s.corrections;
+        r.late_inputs += s.inputs_late;
+        r.missing_inputs += s.inputs_missing;
+        r.inputs_applied += s.inputs_applied;
+        r.interpolation_frames += s.interpolation_frames;
+        r.interpolation_underruns += s.interpolation_underruns;
+        r.shots += s.shots;
+        r.hits += s.hits;
+        r.shots_compensated += s.shots_compensated;
+        for (acc, h) in [
+            (&mut lat, &s.input_to_snapshot_us),
+            (&mut perr, &s.prediction_error_uu),
+        ] {
+            match acc {
+                None => *acc = Some(h.clone()),
+                Some(a) => {
+                    let _ = a.add(h);
+                }
+            }
+        }
         match &mut rtt {
             None => rtt = Some(s.rtt_us.clone()),
             Some(h) => {
@@ -212,6 +285,12 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         r.rtt_samples = h.len();
     }
     r.snapshots_per_bot_per_s = slowest.unwrap_or(0.0);
+    if let Some(h) = &lat {
+        r.input_to_snapshot_ms = Percentiles::from_us(h);
+    }
+    if let Some(h) = &perr {
+        r.prediction_error = ErrorStats::from_micro_units(h);
+    }
     r
 }
 
@@ -337,6 +416,27 @@ mod tests {
             chat_out_of_order: 0,
             server_errors: 0,
             protocol_anomalies: 0,
+            input_to_snapshot_us: {
+                let mut l = h.clone();
+                l.reset();
+                l.record(17_000).unwrap();
+                l
+            },
+            prediction_error_uu: {
+                let mut p = Histogram::new_with_bounds(1, 1_000_000_000, 2).unwrap();
+                p.record(0).unwrap();
+                p.record(15_625).unwrap();
+                p
+            },
+            corrections: 1,
+            interpolation_frames: 100,
+            interpolation_underruns: 1,
+            shots: 4,
+            hits: 1,
+            shots_compensated: 4,
+            inputs_applied: 290,
+            inputs_late: 1,
+            inputs_missing: 2,
             rtt_us: h,
         }
     }

@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use quicktick_shared::link::LinkConfig;
 use quicktick_shared::wire::valid_name;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::behaviour::{Rng, Wander};
 use crate::client::{Client, ClientOptions};
+use crate::conditioner::{conditioned_endpoint_with_handle, ConditionerStats, Impairment};
 use crate::endpoint::{client_endpoint, load_trust};
 use crate::report::{aggregate, chat_missing, presence_mismatches, BotOutcome, Report, RunFacts};
 
@@ -70,6 +72,80 @@ pub struct SwarmConfig {
     /// Runtime worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Datagrams lost each way, percent (0-100). With every impairment flag at its default the
+    /// sockets are plain; otherwise each endpoint's socket is conditioned in user space.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "PCT",
+        help_heading = "Link impairment"
+    )]
+    pub loss: f32,
+    /// Added one-way latency each way.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "MS",
+        help_heading = "Link impairment"
+    )]
+    pub latency_ms: u64,
+    /// Extra one-way delay drawn uniformly from 0..=MS per datagram, each way (reorders).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "MS",
+        help_heading = "Link impairment"
+    )]
+    pub jitter_ms: u64,
+    /// Datagrams delivered twice each way, percent (0-100).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "PCT",
+        help_heading = "Link impairment"
+    )]
+    pub dup: f32,
+    /// Client-to-server loss, percent [default: --loss].
+    #[arg(long, value_name = "PCT", help_heading = "Link impairment")]
+    pub up_loss: Option<f32>,
+    /// Server-to-client loss, percent [default: --loss].
+    #[arg(long, value_name = "PCT", help_heading = "Link impairment")]
+    pub down_loss: Option<f32>,
+    /// Client-to-server one-way latency [default: --latency-ms].
+    #[arg(long, value_name = "MS", help_heading = "Link impairment")]
+    pub up_latency_ms: Option<u64>,
+    /// Server-to-client one-way latency [default: --latency-ms].
+    #[arg(long, value_name = "MS", help_heading = "Link impairment")]
+    pub down_latency_ms: Option<u64>,
+    /// Seed of the impairments; endpoint n draws from a seed derived from it and n.
+    #[arg(long, default_value_t = 1, help_heading = "Link impairment")]
+    pub seed: u64,
+}
+
+impl SwarmConfig {
+    /// The link impairment the flags ask for, or `None` when they ask for none. Percentages are
+    /// converted to probabilities; the per-direction flags override the both-ways ones.
+    #[must_use]
+    pub fn impairment(&self) -> Option<Impairment> {
+        let link = |loss: f32, latency_ms: u64| LinkConfig {
+            loss: loss / 100.0,
+            duplicate: self.dup / 100.0,
+            latency: Duration::from_millis(latency_ms),
+            jitter: Duration::from_millis(self.jitter_ms),
+        };
+        let imp = Impairment {
+            up: link(
+                self.up_loss.unwrap_or(self.loss),
+                self.up_latency_ms.unwrap_or(self.latency_ms),
+            ),
+            down: link(
+                self.down_loss.unwrap_or(self.loss),
+                self.down_latency_ms.unwrap_or(self.latency_ms),
+            ),
+            seed: self.seed,
+        };
+        (!imp.is_none()).then_some(imp)
+    }
 }
 
 /// Where the run is.
@@ -149,6 +225,23 @@ fn check(cfg: &SwarmConfig) -> anyhow::Result<()> {
     if !(cfg.chat_every_secs.is_finite() && cfg.chat_every_secs >= 0.0) {
         bail!("--chat-every-secs must be 0 or more");
     }
+    let percents = [
+        ("--loss", Some(cfg.loss)),
+        ("--dup", Some(cfg.dup)),
+        ("--up-loss", cfg.up_loss),
+        ("--down-loss", cfg.down_loss),
+    ];
+    for (flag, pct) in percents {
+        if let Some(p) = pct {
+            if !(0.0..=100.0).contains(&p) {
+                bail!("{flag} must be a percentage within 0..=100");
+            }
+        }
+    }
+    if let Some(imp) = cfg.impairment() {
+        imp.validate()
+            .context("--latency-ms / --jitter-ms too large")?;
+    }
     Ok(())
 }
 
@@ -175,9 +268,22 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    let impairment = cfg.impairment();
+    let mut links = Vec::new();
     let endpoints = (0..cfg.bots.div_ceil(cfg.bots_per_endpoint))
-        .map(|_| client_endpoint(bind, &trust))
+        .map(|n| match impairment {
+            None => client_endpoint(bind, &trust),
+            Some(imp) => {
+                let (endpoint, link) =
+                    conditioned_endpoint_with_handle(bind, &trust, imp.for_endpoint(n))?;
+                links.push(link);
+                Ok(endpoint)
+            }
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(imp) = impairment {
+        tracing::info!(up = ?imp.up, down = ?imp.down, seed = imp.seed, "link impaired");
+    }
 
     let started = Instant::now();
     let seed = SystemTime::now()
@@ -307,6 +413,27 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
         report.chat_duplicates,
         report.presence_mismatches,
     );
+    if !links.is_empty() {
+        let mut total = ConditionerStats::default();
+        for l in &links {
+            total += l.stats();
+        }
+        let (up, down) = (total.up, total.down);
+        println!(
+            "link: up offered {} dropped {} duplicated {} delayed {} overflow {}; \
+             down offered {} dropped {} duplicated {} delayed {} overflow {}",
+            up.offered,
+            up.dropped,
+            up.duplicated,
+            up.delayed,
+            up.overflow,
+            down.offered,
+            down.dropped,
+            down.duplicated,
+            down.delayed,
+            down.overflow,
+        );
+    }
     Ok(report)
 }
 
@@ -527,11 +654,57 @@ mod tests {
         assert_eq!(cfg.cert, PathBuf::from("quicktick-dev-cert/cert.pem"));
         assert_eq!(cfg.chat_every_secs, 3.0);
         assert_eq!(cfg.bots_per_endpoint, 32);
+        assert_eq!(cfg.impairment(), None, "no impairment by default");
+        assert_eq!(cfg.seed, 1);
         assert!(check(&cfg).is_ok());
         let bad = SwarmConfig::try_parse_from(["quicktick-bot", "--bots", "0"]).unwrap();
         assert!(check(&bad).is_err());
         let bad = SwarmConfig::try_parse_from(["quicktick-bot", "--duration=-1"]).unwrap();
         assert!(check(&bad).is_err());
+    }
+
+    #[test]
+    fn impairment_flags() {
+        let cfg = SwarmConfig::try_parse_from([
+            "quicktick-bot",
+            "--loss",
+            "10",
+            "--latency-ms",
+            "40",
+            "--jitter-ms",
+            "5",
+            "--dup",
+            "2",
+            "--down-loss",
+            "25",
+            "--up-latency-ms",
+            "10",
+            "--seed",
+            "9",
+        ])
+        .unwrap();
+        assert!(check(&cfg).is_ok());
+        let imp = cfg.impairment().unwrap();
+        assert_eq!(imp.seed, 9);
+        assert_eq!(imp.up.loss, 0.1);
+        assert_eq!(imp.down.loss, 0.25);
+        assert_eq!(imp.up.latency, Duration::from_millis(10));
+        assert_eq!(imp.down.latency, Duration::from_millis(40));
+        assert_eq!(imp.up.jitter, Duration::from_millis(5));
+        assert_eq!(imp.down.duplicate, 0.02);
+        let one_way = SwarmConfig::try_parse_from(["quicktick-bot", "--up-loss", "5"]).unwrap();
+        let imp = one_way.impairment().unwrap();
+        assert_eq!((imp.up.loss, imp.down), (0.05, LinkConfig::default()));
+        for bad in [
+            ["--loss", "101"],
+            ["--dup", "-1"],
+            ["--down-loss", "NaN"],
+            ["--latency-ms", "61000"],
+        ] {
+            let arg = format!("{}={}", bad[0], bad[1]);
+            let cfg = SwarmConfig::try_parse_from(["quicktick-bot", &arg]).unwrap();
+            assert!(check(&cfg).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
