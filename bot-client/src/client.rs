@@ -123,6 +123,8 @@ pub struct ClientStats {
     pub prediction_error_uu: Histogram<u64>,
     /// Snapshots whose authoritative avatar differed from the prediction.
     pub corrections: u64,
+    /// Input datagrams sent a second time, a few ms later (the session asks for it under loss).
+    pub input_duplicates_sent: u64,
     /// Interpolated frames drawn after the first second.
     pub interpolation_frames: u64,
     /// Of which had no later snapshot and extrapolated (underruns), after the first second.
@@ -203,6 +205,8 @@ struct IoCounters {
     datagrams_too_large: AtomicU64,
     /// See [`ClientStats::input_datagrams_sent`].
     input_datagrams_sent: AtomicU64,
+    /// See [`ClientStats::input_duplicates_sent`].
+    input_duplicates_sent: AtomicU64,
     /// See [`ClientStats::datagram_send_errors`].
     datagram_send_errors: AtomicU64,
     /// See [`ClientStats::chat_sent`].
@@ -510,6 +514,7 @@ impl Client {
             input_to_snapshot_us: net.input_to_snapshot_us,
             prediction_error_uu: net.prediction_error_uu,
             corrections,
+            input_duplicates_sent: get(&sh.io.input_duplicates_sent),
             interpolation_frames: frames.saturating_sub(warm.0),
             interpolation_underruns: underruns.saturating_sub(warm.1),
             shots: lobby.shots,
@@ -673,13 +678,19 @@ async fn datagram_reader(conn: quinn::Connection, shared: Arc<Shared>) {
     }
 }
 
+/// Spacing between an input datagram and its duplicate when the session asks for duplicates.
+const DUPLICATE_SPACING: Duration = Duration::from_millis(3);
+
 /// Sends the held input once per tick until the connection ends.
 async fn input_sender(conn: quinn::Connection, shared: Arc<Shared>, tick_rate: u16) {
     let period = Duration::from_secs_f64(1.0 / f64::from(tick_rate.clamp(1, 1000)));
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        interval.tick().await;
+        // Send each input just before it is due (tick sync), at most a tick apart.
+        let wait = {
+            let now = shared.start.elapsed();
+            lock(&shared.session).next_input_wait(now, conn.rtt())
+        };
+        tokio::time::sleep(wait.min(period)).await;
         let cmd = lock(&shared.input).cmd();
         let now = shared.start.elapsed();
         let (built, frames, underruns) = {
@@ -705,8 +716,19 @@ async fn input_sender(conn: quinn::Connection, shared: Arc<Shared>, tick_rate: u
                 continue;
             }
         };
+        let duplicate = lock(&shared.session).duplicate_inputs();
+        let copy = duplicate.then(|| bytes.clone());
         match conn.send_datagram(bytes.into()) {
-            Ok(()) => bump(&io.input_datagrams_sent, 1),
+            Ok(()) => {
+                bump(&io.input_datagrams_sent, 1);
+                if let Some(copy) = copy {
+                    // Under loss, the same datagram again a few ms later (see LeadControl).
+                    tokio::time::sleep(DUPLICATE_SPACING).await;
+                    if conn.send_datagram(copy.into()).is_ok() {
+                        bump(&io.input_duplicates_sent, 1);
+                    }
+                }
+            }
             Err(quinn::SendDatagramError::TooLarge) => bump(&io.datagrams_too_large, 1),
             Err(quinn::SendDatagramError::ConnectionLost(e)) => {
                 tracing::debug!("input sender stops: {e}");

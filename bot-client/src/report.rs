@@ -137,6 +137,8 @@ pub struct Report {
     pub corrections: u64,
     /// Inputs the server reports as arriving after their tick.
     pub late_inputs: u64,
+    /// Input datagrams sent twice (the client's remedy once the server reports late inputs).
+    pub input_duplicates_sent: u64,
     /// Ticks the server simulated without the bot's input.
     pub missing_inputs: u64,
     /// Inputs the server applied on time.
@@ -246,6 +248,7 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         r.protocol_anomalies += s.protocol_anomalies;
         r.corrections += s.corrections;
         r.late_inputs += s.inputs_late;
+        r.input_duplicates_sent += s.input_duplicates_sent;
         r.missing_inputs += s.inputs_missing;
         r.inputs_applied += s.inputs_applied;
         r.interpolation_frames += s.interpolation_frames;
@@ -429,6 +432,7 @@ mod tests {
                 p
             },
             corrections: 1,
+            input_duplicates_sent: 0,
             interpolation_frames: 100,
             interpolation_underruns: 1,
             shots: 4,

@@ -113,12 +113,25 @@ impl TickClock {
     /// it, given the round trip `rtt` and a safety `margin` in ticks.
     #[must_use]
     pub fn input_tick(&self, now: Duration, rtt: Duration, margin: f64) -> Tick {
-        let ahead = self
-            .estimate(now, rtt.as_secs_f64() * self.rate + margin)
-            .ceil();
+        let ahead =
+            (self.estimate(now, rtt.as_secs_f64() * self.rate + margin) - SEND_SLACK).ceil();
         self.anchor.add(ahead as i64 as u32)
     }
+
+    /// How long until the input for `tick` is due: the moment the lead-adjusted clock reaches
+    /// `tick - SEND_SLACK`. A shell that sends each input then (instead of on a free-running timer)
+    /// has it arrive `margin` ticks before the server needs it, and no earlier — so no extra tick of
+    /// input latency.
+    #[must_use]
+    pub fn until_due(&self, now: Duration, rtt: Duration, margin: f64, tick: Tick) -> Duration {
+        let lead = self.estimate(now, rtt.as_secs_f64() * self.rate + margin);
+        let ticks = f64::from(tick.diff(self.anchor)) - SEND_SLACK - lead;
+        Duration::try_from_secs_f64(ticks / self.rate).unwrap_or(Duration::ZERO)
+    }
 }
+
+/// How far before its due time (in ticks) an input is stamped and sent.
+pub const SEND_SLACK: f64 = 0.1;
 
 /// The client session.
 #[derive(Debug)]
@@ -232,6 +245,12 @@ impl ClientSession {
     pub fn margin(&self) -> f64 {
         self.margin_override
             .unwrap_or_else(|| self.lead.margin(self.interp.jitter()))
+    }
+
+    /// Whether the shell should send each input datagram twice (the server reported late inputs).
+    #[must_use]
+    pub fn duplicate_inputs(&self) -> bool {
+        self.lead.duplicate()
     }
 
     /// The server's once-a-second input report (cumulative late count) adapts the lead.
@@ -365,6 +384,18 @@ impl ClientSession {
     #[must_use]
     pub fn input_tick(&self, now: Duration, rtt: Duration) -> Tick {
         self.clock.input_tick(now, rtt, self.margin())
+    }
+
+    /// How long the shell should wait before calling [`ClientSession::build_input`] again so the
+    /// next input goes out just before it is due (never more than one tick of extra latency, and
+    /// none when the shell follows this).
+    #[must_use]
+    pub fn next_input_wait(&self, now: Duration, rtt: Duration) -> Duration {
+        let next = self
+            .history
+            .newest_tick()
+            .map_or_else(|| self.input_tick(now, rtt), Tick::next);
+        self.clock.until_due(now, rtt, self.margin(), next)
     }
 
     /// Records `input` (movement/aim/buttons; its tick is ignored) for every tick up to the one due at

@@ -348,27 +348,27 @@ fn lerp_entities(a: &Snapshot, b: &Snapshot, w: f32) -> Vec<ViewEntity> {
         .collect()
 }
 
-/// The adaptive part of the input lead: stamp inputs `rtt·rate + margin` ticks ahead, where the
-/// margin covers the measured jitter and grows when the server reports late inputs.
-#[derive(Debug, Clone)]
+/// The adaptive part of input timing. Inputs are stamped `rtt·rate + margin` ticks ahead, where the
+/// margin covers the measured jitter. When the server reports late inputs, the first remedy is to send
+/// every input datagram twice (a few ms apart: a lost datagram no longer makes its newest input late,
+/// at no latency cost); if lateness persists, the margin grows by a quarter tick per report (at most 2
+/// ticks), and it shrinks again by 0.05 tick per clean report.
+#[derive(Debug, Clone, Default)]
 pub struct LeadControl {
-    /// Extra ticks added after late-input reports (decays when none are reported).
+    /// Extra ticks added after late-input reports.
     boost: f64,
     /// Last late-input count the server reported.
     last_late: u64,
+    /// Send each input datagram twice.
+    duplicate: bool,
+    /// Consecutive reports without new late inputs.
+    clean_reports: u32,
 }
 
 /// The smallest margin, ticks (scheduling noise of both ends).
 pub const MIN_MARGIN_TICKS: f64 = 0.25;
-
-impl Default for LeadControl {
-    fn default() -> Self {
-        Self {
-            boost: 0.0,
-            last_late: 0,
-        }
-    }
-}
+/// Clean reports after which duplicate sending stops.
+const DUPLICATE_HOLD_REPORTS: u32 = 10;
 
 impl LeadControl {
     /// The margin in ticks for an arrival jitter of `jitter_ticks`.
@@ -377,12 +377,27 @@ impl LeadControl {
         (MIN_MARGIN_TICKS + 3.0 * jitter_ticks + self.boost).min(16.0)
     }
 
+    /// Whether each input datagram should be sent twice.
+    #[must_use]
+    pub fn duplicate(&self) -> bool {
+        self.duplicate
+    }
+
     /// The server's cumulative late-input count (sent once a second).
     pub fn on_late_report(&mut self, late: u64) {
         if late > self.last_late {
-            self.boost = (self.boost + 0.5).min(4.0);
+            self.clean_reports = 0;
+            if self.duplicate {
+                self.boost = (self.boost + 0.25).min(2.0);
+            } else {
+                self.duplicate = true;
+            }
         } else {
-            self.boost = (self.boost - 0.1).max(0.0);
+            self.clean_reports += 1;
+            self.boost = (self.boost - 0.05).max(0.0);
+            if self.clean_reports >= DUPLICATE_HOLD_REPORTS && self.boost == 0.0 {
+                self.duplicate = false;
+            }
         }
         self.last_late = late;
     }
@@ -465,6 +480,28 @@ mod tests {
         }
         assert!(it.delay() > 3.0, "delay {}", it.delay());
         assert!(now > 0.0);
+    }
+
+    #[test]
+    fn lateness_first_duplicates_then_leads_then_relaxes() {
+        let mut l = LeadControl::default();
+        assert!(!l.duplicate());
+        l.on_late_report(3);
+        assert!(l.duplicate(), "first remedy: send twice");
+        assert_eq!(l.margin(0.0), MIN_MARGIN_TICKS);
+        for late in [5, 9, 12, 20, 30, 40, 50, 60, 70, 80] {
+            l.on_late_report(late);
+        }
+        assert_eq!(
+            l.margin(0.0),
+            MIN_MARGIN_TICKS + 2.0,
+            "lead growth is capped"
+        );
+        for _ in 0..60 {
+            l.on_late_report(80);
+        }
+        assert_eq!(l.margin(0.0), MIN_MARGIN_TICKS);
+        assert!(!l.duplicate());
     }
 
     #[test]
