@@ -248,7 +248,15 @@ async fn serve(id: ConnId, conn: &quinn::Connection, ctx: &NetCtx, deadline: Ins
                     conn.close(close::QUIT.into(), b"stream finished");
                     break LeaveReason::Quit;
                 }
-                Err(_) => break conn.close_reason().map_or(LeaveReason::Quit, |e| leave_reason(&e)),
+                Err(e) => match conn.close_reason() {
+                    Some(c) => break leave_reason(&c),
+                    None => {
+                        // The client reset or stopped its half of the control stream: it left.
+                        let reason = format!("control stream ended: {e}");
+                        conn.close(close::QUIT.into(), reason.as_bytes());
+                        break LeaveReason::Quit;
+                    }
+                },
             },
         }
     };
@@ -263,7 +271,11 @@ async fn writer(
     while let Some(o) = rx.recv().await {
         match o {
             Outbound::Frame(bytes) => {
-                if send.write_all(&bytes).await.is_err() {
+                if let Err(e) = send.write_all(&bytes).await {
+                    // The client stopped reading its control stream (STOP_SENDING) or is gone: it
+                    // can no longer see chat or presence, so it cannot stay in the game.
+                    let reason = format!("control stream stopped: {e}");
+                    conn.close(close::QUIT.into(), reason.as_bytes());
                     return;
                 }
             }

@@ -277,3 +277,24 @@ async fn a_chat_flood_is_rate_limited_and_disturbs_nobody() {
     let s = ts.server.shutdown().await;
     assert_eq!(s.slow_consumers, 0);
 }
+
+#[tokio::test]
+async fn a_client_that_abandons_its_control_stream_is_closed_with_a_reason() {
+    let ts = start(test_config());
+    let ep = raw_endpoint(&ts.trust);
+    let (mut resetter, _) = RawClient::join(&ep, ts.addr, "resetter").await;
+    resetter.send.reset(0u32.into()).unwrap();
+    let (code, reason) = resetter.closed().await.expect("not closed");
+    assert_eq!(code, u64::from(close::QUIT));
+    assert!(reason.contains("control stream"), "{reason}");
+    // One that stops reading: the server notices on its next frame (input stats come every second).
+    let (mut stopper, _) = RawClient::join(&ep, ts.addr, "stopper").await;
+    stopper.recv.stop(0u32.into()).unwrap();
+    let (code, reason) = stopper.closed().await.expect("not closed");
+    assert_eq!(code, u64::from(close::QUIT));
+    assert!(reason.contains("control stream"), "{reason}");
+    let (late, w) = RawClient::join(&ep, ts.addr, "late").await;
+    assert_eq!(w.players.len(), 1, "both left presence: {:?}", w.players);
+    drop(late);
+    ts.server.shutdown().await;
+}
