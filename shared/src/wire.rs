@@ -351,19 +351,34 @@ impl FrameDecoder {
     }
 }
 
-/// Checks a player name: 1..=[`MAX_NAME_BYTES`] bytes, no control characters, not all whitespace.
+/// Invisible or direction-changing format characters (zero-width spaces and joiners, bidi embeddings,
+/// overrides and isolates, word joiner, invisible operators, BOM, soft hyphen) that let text
+/// impersonate other text. They are treated like control characters.
+#[must_use]
+pub fn is_hidden_format(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+fn is_unwanted(c: char) -> bool {
+    c.is_control() || is_hidden_format(c)
+}
+
+/// Checks a player name: 1..=[`MAX_NAME_BYTES`] bytes, no control or hidden format characters (see
+/// [`is_hidden_format`]), not all whitespace.
 #[must_use]
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
-        && !name.chars().any(char::is_control)
+        && !name.chars().any(is_unwanted)
         && !name.trim().is_empty()
 }
 
-/// Strips control characters from chat text; `None` if the result is empty or too long.
+/// Strips control and hidden format characters from chat text; `None` if the result is blank or
+/// longer than [`MAX_CHAT_BYTES`].
 #[must_use]
 pub fn clean_chat(text: &str) -> Option<String> {
-    let s: String = text.chars().filter(|c| !c.is_control()).collect();
+    let s: String = text.chars().filter(|c| !is_unwanted(*c)).collect();
     (!s.trim().is_empty() && s.len() <= MAX_CHAT_BYTES).then_some(s)
 }
 
@@ -576,6 +591,10 @@ mod tests {
         assert!(!valid_name(&"x".repeat(MAX_NAME_BYTES + 1)));
         assert_eq!(clean_chat("hi\u{7}\tthere"), Some("hithere".into()));
         assert_eq!(clean_chat("\u{1b}\u{0}"), None);
+        assert!(!valid_name("\u{200b}"));
+        assert!(!valid_name("\u{202e}exe.txt"));
+        assert_eq!(clean_chat("\u{200b}"), None);
+        assert_eq!(clean_chat("\u{202e}txt.exe"), Some("txt.exe".into()));
         assert_eq!(clean_chat(&"y".repeat(MAX_CHAT_BYTES + 1)), None);
     }
 }
