@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use quicktick_shared::delta::{
-    body_bits, change, Change, Codec, EncodeError, EncodeStats, SnapshotEncoder, GAP_MAX_BITS,
+    body_bits, diff_sorted, Change, Codec, EncodeError, EncodeStats, SnapshotEncoder, GAP_MAX_BITS,
     HEADER_MAX_BITS,
 };
 use quicktick_shared::entity::{EntityId, EntityState};
@@ -109,36 +109,11 @@ impl Replicator {
         // 2. Changes from the baseline to the wanted set, merged by index.
         let base: &[EntityState] = baseline.map_or(&[], |b| b.entities.as_slice());
         let mut changes: Vec<Change<'_>> = Vec::new();
-        let (mut bi, mut wi) = (0usize, 0usize);
-        loop {
-            let w = scratch
-                .wanted
-                .get(wi)
-                .and_then(|p| world.entities.get(*p as usize));
-            let (b, n) = match (base.get(bi), w) {
-                (None, None) => break,
-                (Some(b), Some(n)) if b.id.index == n.id.index => {
-                    bi += 1;
-                    wi += 1;
-                    (Some(b), Some(n))
-                }
-                (Some(b), Some(n)) if b.id.index < n.id.index => {
-                    bi += 1;
-                    (Some(b), None)
-                }
-                (Some(b), None) => {
-                    bi += 1;
-                    (Some(b), None)
-                }
-                (_, Some(n)) => {
-                    wi += 1;
-                    (None, Some(n))
-                }
-            };
-            if let Some(c) = change(b, n) {
-                changes.push(c);
-            }
-        }
+        let wanted = scratch
+            .wanted
+            .iter()
+            .filter_map(|p| world.entities.get(*p as usize));
+        diff_sorted(base, wanted, &mut changes);
 
         // 3. The budget decides which changes go now.
         self.tokens =

@@ -279,13 +279,24 @@ pub fn change<'a>(
 /// Appends every change from `baseline` (none: a keyframe) to `new`, in index order.
 pub fn diff<'a>(baseline: Option<&'a Snapshot>, new: &'a Snapshot, out: &mut Vec<Change<'a>>) {
     let base: &[EntityState] = baseline.map_or(&[], |b| b.entities.as_slice());
-    let (mut bi, mut ni) = (0usize, 0usize);
+    diff_sorted(base, new.entities.iter(), out);
+}
+
+/// Appends the changes from `base` to the entities yielded by `new` (both sorted by index, unique),
+/// merged by index: entities only in `base` are despawns, only in `new` spawns.
+pub fn diff_sorted<'a>(
+    base: &'a [EntityState],
+    new: impl Iterator<Item = &'a EntityState>,
+    out: &mut Vec<Change<'a>>,
+) {
+    let mut new = new.peekable();
+    let mut bi = 0usize;
     loop {
-        let (b, n) = match (base.get(bi), new.entities.get(ni)) {
+        let (b, n) = match (base.get(bi), new.peek().copied()) {
             (None, None) => break,
             (Some(b), Some(n)) if b.id.index == n.id.index => {
                 bi += 1;
-                ni += 1;
+                new.next();
                 (Some(b), Some(n))
             }
             (Some(b), Some(n)) if b.id.index < n.id.index => {
@@ -297,7 +308,7 @@ pub fn diff<'a>(baseline: Option<&'a Snapshot>, new: &'a Snapshot, out: &mut Vec
                 (Some(b), None)
             }
             (_, Some(n)) => {
-                ni += 1;
+                new.next();
                 (None, Some(n))
             }
         };
