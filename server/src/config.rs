@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub keep_alive_ms: u64,
     /// Time allowed for the QUIC handshake plus `hello`, ms.
     pub handshake_timeout_ms: u64,
+    /// Most connections between their first packet and `hello`; more are refused at once.
+    pub max_pending_handshakes: usize,
     /// quinn datagram send buffer, bytes.
     pub datagram_send_buffer: usize,
     /// Frames queued per client before it is disconnected as a slow consumer.
@@ -69,6 +71,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
             handshake_timeout_ms: 5_000,
+            max_pending_handshakes: 256,
             datagram_send_buffer: 16 * 1024,
             outbound_queue: 1024,
             dev_cert_dir: PathBuf::from("quicktick-dev-cert"),
@@ -149,6 +152,12 @@ impl ServerConfig {
         }
         if self.snapshot_budget_bytes_per_s < 4096 {
             bail!("snapshot_budget_bytes_per_s must be at least 4096");
+        }
+        if self.max_pending_handshakes == 0 || self.max_pending_handshakes > 65_536 {
+            bail!(
+                "max_pending_handshakes must be within 1..=65536 (got {})",
+                self.max_pending_handshakes
+            );
         }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");

@@ -88,12 +88,14 @@ impl Server {
             .spawn(move || thread.run())
             .context("cannot start the tick thread")?;
         let (stop_accept, stop_rx) = watch::channel(false);
+        let cfg_pending = cfg.max_pending_handshakes;
         let ctx = Arc::new(net::NetCtx {
             cfg,
             stats: stats.clone(),
             control: control_tx,
             inputs: input_tx,
             next_conn: AtomicU64::new(1),
+            pending: Arc::new(tokio::sync::Semaphore::new(cfg_pending)),
         });
         let accept_task = tokio::spawn(net::accept_loop(endpoint.clone(), ctx, stop_rx));
         Ok(Self {

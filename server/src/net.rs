@@ -64,6 +64,8 @@ pub(crate) struct NetCtx {
     pub control: mpsc::Sender<Control>,
     pub inputs: mpsc::Sender<(ConnId, InputDatagram, usize)>,
     pub next_conn: AtomicU64,
+    /// Connections between the first packet and `hello` (bounded: beyond it new ones are refused).
+    pub pending: Arc<tokio::sync::Semaphore>,
 }
 
 /// Accepts connections until `stop` flips; each one runs in its own task.
@@ -75,10 +77,17 @@ pub(crate) async fn accept_loop(
     loop {
         tokio::select! {
             inc = endpoint.accept() => match inc {
-                Some(incoming) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move { connection(incoming, ctx).await });
-                }
+                Some(incoming) => match ctx.pending.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { connection(incoming, ctx, permit).await });
+                    }
+                    Err(_) => {
+                        // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
+                        ServerStats::add(&ctx.stats.handshakes_refused, 1);
+                        incoming.refuse();
+                    }
+                },
                 None => break,
             },
             _ = stop.changed() => break,
@@ -109,7 +118,11 @@ fn violation(
     LeaveReason::Kicked
 }
 
-async fn connection(incoming: quinn::Incoming, ctx: Arc<NetCtx>) {
+async fn connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<NetCtx>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let deadline = Instant::now() + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
     let conn = match timeout_at(deadline, incoming).await {
         Ok(Ok(c)) => c,
@@ -128,13 +141,19 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<NetCtx>) {
         .connections_current
         .fetch_add(1, Ordering::Relaxed);
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    serve(id, &conn, &ctx, deadline).await;
+    serve(id, &conn, &ctx, deadline, permit).await;
     ctx.stats
         .connections_current
         .fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn serve(id: ConnId, conn: &quinn::Connection, ctx: &NetCtx, deadline: Instant) {
+async fn serve(
+    id: ConnId,
+    conn: &quinn::Connection,
+    ctx: &NetCtx,
+    deadline: Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     // The stream and `hello` must arrive before the handshake deadline.
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 4096];
@@ -175,6 +194,7 @@ async fn serve(id: ConnId, conn: &quinn::Connection, ctx: &NetCtx, deadline: Ins
             return;
         }
     };
+    drop(permit); // past hello: no longer a half-open connection
     let (tx, rx) = mpsc::channel(ctx.cfg.outbound_queue);
     tokio::spawn(writer(send, rx, conn.clone()));
     let own_tx = tx.clone();

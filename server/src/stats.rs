@@ -46,6 +46,8 @@ counters! {
     connections_current,
     /// Handshakes that failed or timed out (QUIC or `hello`).
     handshake_failures,
+    /// Connections refused because `max_pending_handshakes` were already pending.
+    handshakes_refused,
     /// Joins refused.
     refusals,
     /// Input datagrams accepted.

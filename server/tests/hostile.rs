@@ -298,3 +298,36 @@ async fn a_client_that_abandons_its_control_stream_is_closed_with_a_reason() {
     drop(late);
     ts.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn half_open_connections_are_bounded() {
+    let ts = start(quicktick_server::ServerConfig {
+        max_pending_handshakes: 3,
+        ..test_config()
+    });
+    let ep = raw_endpoint(&ts.trust);
+    let (bystander, _) = RawClient::join(&ep, ts.addr, "bystander").await;
+    // Connections that never say hello hold their slot until the handshake deadline.
+    let mut silent = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        match ep.connect(ts.addr, "localhost").unwrap().await {
+            Ok(c) => silent.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(silent.len(), 3, "three half-open slots");
+    assert_eq!(refused, 3);
+    assert!(
+        count_datagrams(&bystander.conn, Duration::from_millis(300)).await > 5,
+        "bystander unaffected"
+    );
+    // After the deadline frees the slots, players can join again.
+    for c in &silent {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.closed()).await;
+    }
+    let (_late, w) = RawClient::join(&ep, ts.addr, "late").await;
+    assert_eq!(w.players.len(), 2);
+    assert_eq!(ts.server.stats().snapshot().handshakes_refused, 3);
+    ts.server.shutdown().await;
+}
