@@ -759,6 +759,16 @@ fn read_abs_pos(r: &mut BitReader<'_>, q: &PosQuant) -> Result<(u32, u32), Decod
     Ok((qx, qy))
 }
 
+/// An absolute velocity pair; −2048 (outside ±[`crate::quant::VEL_MAX_Q`]) is refused.
+fn read_vel(r: &mut BitReader<'_>) -> Result<(i32, i32), DecodeError> {
+    let (x, y) = (r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?);
+    let lim = crate::quant::VEL_MAX_Q;
+    if x.abs() > lim || y.abs() > lim {
+        return Err(DecodeError::Malformed("velocity out of range"));
+    }
+    Ok((x, y))
+}
+
 fn read_body(
     r: &mut BitReader<'_>,
     codec: &Codec,
@@ -772,11 +782,7 @@ fn read_body(
             let kind =
                 EntityKind::from_bits(r.read(2)?).ok_or(DecodeError::Malformed("entity kind"))?;
             let (qx, qy) = read_abs_pos(r, q)?;
-            let (qvx, qvy) = if r.read_bool()? {
-                (r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?)
-            } else {
-                (0, 0)
-            };
+            let (qvx, qvy) = if r.read_bool()? { read_vel(r)? } else { (0, 0) };
             EntityOp::Spawn(EntityState {
                 id: EntityId { index, generation },
                 kind,
@@ -810,7 +816,8 @@ fn read_body(
                 } else if r.read_bool()? {
                     VelChange::Zero
                 } else {
-                    VelChange::Abs(r.read_signed(VEL_BITS)?, r.read_signed(VEL_BITS)?)
+                    let (x, y) = read_vel(r)?;
+                    VelChange::Abs(x, y)
                 })
             } else {
                 None
