@@ -38,6 +38,8 @@ pub fn loaded_core(clients: usize, npcs: usize) -> (ServerCore, Vec<u64>) {
                 conn: c,
                 version: PROTOCOL_VERSION,
                 name: format!("p{c}"),
+                token: None,
+                now_unix: 0,
             },
             &mut out,
         );

@@ -106,6 +106,8 @@ impl Pipe {
                     conn,
                     version: PROTOCOL_VERSION,
                     name: format!("c{conn}"),
+                    token: None,
+                    now_unix: 0,
                 },
                 &mut out,
             );

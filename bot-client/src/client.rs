@@ -70,6 +70,8 @@ pub struct ClientOptions {
     pub chat_log_limit: usize,
     /// Time allowed from the start of the connection to the welcome (default [`CONNECT_TIMEOUT`]).
     pub connect_timeout: Duration,
+    /// Connect token for servers that require one (`quicktick-server token`); default none.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +79,7 @@ impl Default for ClientOptions {
         Self {
             chat_log_limit: usize::MAX,
             connect_timeout: CONNECT_TIMEOUT,
+            token: None,
         }
     }
 }
@@ -358,7 +361,7 @@ impl Client {
         let start = Instant::now();
         let joined = tokio::time::timeout(
             options.connect_timeout,
-            handshake(endpoint, server, server_name, name),
+            handshake(endpoint, server, server_name, name, options.token.clone()),
         )
         .await
         .map_err(|_| ConnectError::Timeout)??;
@@ -560,12 +563,14 @@ async fn handshake(
     server: SocketAddr,
     server_name: &str,
     name: &str,
+    token: Option<String>,
 ) -> Result<Joined, ConnectError> {
     let conn = endpoint.connect(server, server_name)?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let hello = encode_frame(&ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         name: name.to_owned(),
+        token,
     })
     .map_err(|e| ConnectError::Protocol(format!("cannot encode hello: {e}")))?;
     send.write_all(&hello).await.map_err(|e| match e {

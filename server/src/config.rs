@@ -51,6 +51,11 @@ pub struct ServerConfig {
     pub snapshot_budget_bytes_per_s: u64,
     /// Lag-compensation window, ms: shots are judged against what the shooter saw up to this far back.
     pub lag_comp_ms: u32,
+    /// Who may join: `dev` (any name), `required` (signed connect tokens only), or `auto` (`dev` when
+    /// bound to loopback, else `required`).
+    pub auth: AuthMode,
+    /// File holding the hex token secret (≥ 32 bytes); needed for `required` and for `token`.
+    pub auth_secret_file: Option<PathBuf>,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -79,8 +84,46 @@ impl Default for ServerConfig {
             interest_hysteresis: 4.0,
             snapshot_budget_bytes_per_s: 128 * 1024,
             lag_comp_ms: 200,
+            auth: AuthMode::Auto,
+            auth_secret_file: None,
             start_tick: 0,
         }
+    }
+}
+
+/// Join policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Any valid name may join (development).
+    Dev,
+    /// Only signed, unexpired, unused connect tokens.
+    Required,
+    /// `Dev` on a loopback address, `Required` anywhere else.
+    Auto,
+}
+
+impl ServerConfig {
+    /// The join policy in force for this bind address.
+    #[must_use]
+    pub fn effective_auth(&self) -> AuthMode {
+        match self.auth {
+            AuthMode::Auto if self.bind.ip().is_loopback() => AuthMode::Dev,
+            AuthMode::Auto => AuthMode::Required,
+            m => m,
+        }
+    }
+
+    /// Reads the token secret from `auth_secret_file`; the error names the file.
+    pub fn load_secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.auth_secret_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read secret file {}", path.display()))?;
+        crate::auth::parse_secret(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("secret file {}: {e}", path.display()))
     }
 }
 

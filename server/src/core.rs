@@ -36,6 +36,10 @@ pub enum CoreEvent {
         version: u16,
         /// Requested name.
         name: String,
+        /// Connect token, if the client sent one.
+        token: Option<String>,
+        /// Wall-clock time of the hello, seconds since the Unix epoch (token expiry).
+        now_unix: u64,
     },
     /// A decoded, validated input datagram.
     Input {
@@ -159,6 +163,12 @@ pub struct ServerCore {
     encoder: SnapshotEncoder,
     players: BTreeMap<ConnId, Player>,
     shutting_down: bool,
+    /// Whether joins need a signed connect token.
+    auth_required: bool,
+    /// The token secret (when tokens are required).
+    auth_secret: Option<Vec<u8>>,
+    /// Nonces of tokens already used.
+    replay: crate::auth::ReplayGuard,
     events: Vec<SimEvent>,
     scratch: Vec<Vec<u8>>,
     /// Counters.
@@ -185,6 +195,9 @@ impl ServerCore {
             encoder: SnapshotEncoder::new(),
             players: BTreeMap::new(),
             shutting_down: false,
+            auth_required: false,
+            auth_secret: None,
+            replay: crate::auth::ReplayGuard::default(),
             events: Vec::new(),
             scratch: Vec::new(),
             counters: CoreCounters::default(),
@@ -196,6 +209,12 @@ impl ServerCore {
     #[must_use]
     pub fn world(&self) -> &World {
         &self.world
+    }
+
+    /// Requires signed connect tokens, verified with `secret`, from now on.
+    pub fn require_tokens(&mut self, secret: Vec<u8>) {
+        self.auth_required = true;
+        self.auth_secret = Some(secret);
     }
 
     /// The world, mutably (tests and benches that stage scenes).
@@ -282,7 +301,11 @@ impl ServerCore {
                 conn,
                 version,
                 name,
-            } => self.hello(conn, version, &name, out),
+                token,
+                now_unix,
+            } => {
+                self.hello(conn, version, &name, token.as_deref(), now_unix, out);
+            }
             CoreEvent::Input {
                 conn,
                 datagram,
@@ -300,7 +323,33 @@ impl ServerCore {
         }
     }
 
-    fn hello(&mut self, conn: ConnId, version: u16, name: &str, out: &mut Vec<CoreOutput>) {
+    /// Checks a connect token against the join policy; returns the name to use.
+    fn admit_token(
+        &mut self,
+        name: &str,
+        token: Option<&str>,
+        now_unix: u64,
+    ) -> Result<String, RefuseReason> {
+        let Some(secret) = self.auth_secret.as_deref().filter(|_| self.auth_required) else {
+            return Ok(name.to_owned());
+        };
+        let body =
+            crate::auth::verify(secret, token.ok_or(RefuseReason::TokenRequired)?, now_unix)?;
+        if !self.replay.first_use(&body, now_unix) {
+            return Err(RefuseReason::TokenReplayed);
+        }
+        Ok(body.name)
+    }
+
+    fn hello(
+        &mut self,
+        conn: ConnId,
+        version: u16,
+        name: &str,
+        token: Option<&str>,
+        now_unix: u64,
+        out: &mut Vec<CoreOutput>,
+    ) {
         if self.players.contains_key(&conn) {
             out.push(CoreOutput::Frame(
                 conn,
@@ -311,11 +360,16 @@ impl ServerCore {
             ));
             return;
         }
-        let check = if self.shutting_down {
+        let admitted = if self.shutting_down {
             Err(RefuseReason::ShuttingDown)
+        } else if version != quicktick_shared::wire::PROTOCOL_VERSION {
+            Err(RefuseReason::VersionMismatch)
         } else {
-            self.lobby.check_join(version, name)
+            self.admit_token(name, token, now_unix)
         };
+        let name = admitted.clone().unwrap_or_default();
+        let name = name.as_str();
+        let check = admitted.and_then(|n| self.lobby.check_join(version, &n));
         let avatar = check.and_then(|()| self.world.spawn_player().ok_or(RefuseReason::ServerFull));
         let avatar = match avatar {
             Ok(a) => a,
@@ -333,6 +387,12 @@ impl ServerCore {
                         "name must be 1..=32 bytes with no control characters".into()
                     }
                     RefuseReason::ShuttingDown => "server shutting down".into(),
+                    RefuseReason::TokenRequired => "this server requires a connect token".into(),
+                    RefuseReason::TokenInvalid => {
+                        "the connect token is malformed or not signed by this server".into()
+                    }
+                    RefuseReason::TokenExpired => "the connect token has expired".into(),
+                    RefuseReason::TokenReplayed => "the connect token was already used".into(),
                 };
                 out.push(CoreOutput::Frame(
                     conn,
@@ -683,6 +743,8 @@ mod tests {
                     conn,
                     version: PROTOCOL_VERSION,
                     name: format!("p{conn}"),
+                    token: None,
+                    now_unix: 0,
                 },
                 &mut out,
             );
@@ -759,6 +821,8 @@ mod tests {
                     conn,
                     version: PROTOCOL_VERSION,
                     name: format!("p{conn}"),
+                    token: None,
+                    now_unix: 0,
                 },
                 &mut out,
             );
@@ -803,6 +867,8 @@ mod tests {
                 conn: 1,
                 version: PROTOCOL_VERSION,
                 name: "a".into(),
+                token: None,
+                now_unix: 0,
             },
             &mut out,
         );
@@ -822,6 +888,8 @@ mod tests {
                 conn: 2,
                 version: PROTOCOL_VERSION,
                 name: "b".into(),
+                token: None,
+                now_unix: 0,
             },
             &mut out,
         );

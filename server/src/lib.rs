@@ -4,6 +4,7 @@
 //! on 127.0.0.1:0); [`run`] adds a shutdown future; the `quicktick-server` binary wraps it with flags.
 //!
 //! # Layout
+//! - [`auth`]: signed connect tokens (issue, verify, replay guard).
 //! - [`config`]: settings file + validation; map loading.
 //! - [`tls`]: PEM loading and the development certificate.
 //! - [`core`]: the I/O-free authoritative core (world, lobby, sessions, snapshot encode).
@@ -17,6 +18,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod interest;
@@ -70,8 +72,15 @@ impl Server {
         let failed = Arc::new(AtomicBool::new(false));
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+        let mut core = core::ServerCore::new(cfg.clone(), map);
+        if cfg.effective_auth() == config::AuthMode::Required {
+            let secret = cfg.load_secret()?.context(
+                "auth is required (the default off loopback) but no auth_secret_file is set",
+            )?;
+            core.require_tokens(secret);
+        }
         let thread = tick_loop::TickThread {
-            core: core::ServerCore::new(cfg.clone(), map),
+            core,
             links: HashMap::new(),
             control_rx,
             input_rx,

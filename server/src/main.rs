@@ -12,6 +12,16 @@ use quicktick_server::{config::ServerConfig, net::server_endpoint, tls};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// Run a tool instead of the server.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Who may join: dev (any name), required (signed connect tokens), auto (dev on loopback,
+    /// required elsewhere) [default: auto]
+    #[arg(long, value_enum)]
+    auth: Option<quicktick_server::config::AuthMode>,
+    /// File with the hex token secret (>= 32 bytes), for --auth required and `token`
+    #[arg(long, value_name = "FILE")]
+    auth_secret_file: Option<PathBuf>,
     /// UDP address to listen on [default: 127.0.0.1:4433]
     #[arg(long)]
     bind: Option<SocketAddr>,
@@ -40,6 +50,39 @@ struct Args {
     /// Stop gracefully after this many seconds [default: run until SIGINT/SIGTERM]
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a signed connect token (uses auth_secret_file from --config or --auth-secret-file).
+    Token {
+        /// The player's name (1..=32 bytes).
+        #[arg(long)]
+        player: String,
+        /// Validity, e.g. 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The player's account id.
+        #[arg(long, default_value_t = 0)]
+        id: u64,
+    },
+}
+
+fn parse_ttl(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl must look like 90s, 30m, 1h or 7d (got {s:?})"))?;
+    n.checked_mul(mult)
+        .filter(|t| *t > 0 && *t <= 366 * 86_400)
+        .ok_or_else(|| anyhow::anyhow!("--ttl must be within 1 s ..= 366 d"))
 }
 
 fn main() {
@@ -72,6 +115,35 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(m) = &args.map {
         cfg.map = m.clone();
+    }
+    if let Some(a) = args.auth {
+        cfg.auth = a;
+    }
+    if let Some(f) = &args.auth_secret_file {
+        cfg.auth_secret_file = Some(f.clone());
+    }
+    if let Some(Command::Token { player, ttl, id }) = &args.command {
+        let secret = cfg
+            .load_secret()?
+            .context("`token` needs the secret: set auth_secret_file or --auth-secret-file")?;
+        anyhow::ensure!(
+            quicktick_shared::wire::valid_name(player),
+            "--player must be 1..=32 bytes, no control characters"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut nonce = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| anyhow::anyhow!("no system randomness for the token nonce"))?;
+        let body = quicktick_server::auth::TokenBody {
+            player_id: *id,
+            name: player.clone(),
+            expires_unix: now + parse_ttl(ttl)?,
+            nonce,
+        };
+        println!("{}", quicktick_server::auth::issue(&secret, &body));
+        return Ok(());
     }
     if let Some(m) = args.max_players {
         cfg.max_players = m;

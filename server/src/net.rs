@@ -161,9 +161,11 @@ async fn serve(
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| Err(leave_reason(&e)))?;
         loop {
             match dec.next_msg::<ClientMsg>() {
-                Ok(Some(ClientMsg::Hello { version, name })) => {
-                    return Ok((send, recv, version, name))
-                }
+                Ok(Some(ClientMsg::Hello {
+                    version,
+                    name,
+                    token,
+                })) => return Ok((send, recv, version, name, token)),
                 Ok(Some(_)) => {
                     return Err(Ok(WireError::Invalid("the first message must be hello")));
                 }
@@ -178,7 +180,7 @@ async fn serve(
         }
     })
     .await;
-    let (send, mut recv, version, name) = match hello {
+    let (send, mut recv, version, name, token) = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(Ok(e))) => {
             violation(conn, &ctx.stats.bad_frames, "bad hello", &e);
@@ -209,6 +211,7 @@ async fn serve(
             link,
             version,
             name,
+            token,
         })
         .await
         .is_err()

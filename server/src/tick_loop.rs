@@ -47,6 +47,8 @@ pub(crate) enum Control {
         version: u16,
         /// Requested name.
         name: String,
+        /// Connect token, if sent.
+        token: Option<String>,
     },
     /// A chat request.
     Chat {
@@ -189,12 +191,18 @@ impl TickThread {
                 link,
                 version,
                 name,
+                token,
             } => {
                 self.links.insert(conn, link);
+                let now_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 CoreEvent::Hello {
                     conn,
                     version,
                     name,
+                    token,
+                    now_unix,
                 }
             }
             Control::Chat {

@@ -144,6 +144,7 @@ async fn refusals_are_clear() {
         c.send_msg(&ClientMsg::Hello {
             version,
             name: name.into(),
+            token: None,
         })
         .await;
         match c.next_msg().await {
@@ -160,6 +161,7 @@ async fn refusals_are_clear() {
     c.send_msg(&ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         name: "second".into(),
+        token: None,
     })
     .await;
     assert!(matches!(

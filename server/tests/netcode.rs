@@ -92,6 +92,8 @@ impl Duel {
                     conn,
                     version: PROTOCOL_VERSION,
                     name: format!("p{conn}"),
+                    token: None,
+                    now_unix: 0,
                 },
                 &mut out,
             );

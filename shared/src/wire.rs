@@ -186,6 +186,14 @@ pub enum RefuseReason {
     BadName,
     /// The server is shutting down.
     ShuttingDown,
+    /// The server requires a connect token and none was given.
+    TokenRequired,
+    /// The token is malformed or its signature is wrong (forged, or signed with another secret).
+    TokenInvalid,
+    /// The token's expiry has passed.
+    TokenExpired,
+    /// The token was already used (each token admits one connection).
+    TokenReplayed,
 }
 
 /// Why a player left.
@@ -232,6 +240,9 @@ pub enum ClientMsg {
         version: u16,
         /// Display name, 1..=[`MAX_NAME_BYTES`] bytes, no control characters.
         name: String,
+        /// A connect token signed by the server's secret (required when the server runs with
+        /// `--auth required`; then the token's name is used).
+        token: Option<String>,
     },
     /// Send a chat line.
     Chat {

@@ -64,6 +64,8 @@ impl Harness {
                     conn,
                     version: PROTOCOL_VERSION,
                     name: format!("c{conn}"),
+                    token: None,
+                    now_unix: 0,
                 },
                 &mut out,
             );

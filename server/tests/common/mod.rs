@@ -129,6 +129,7 @@ impl RawClient {
         c.send_msg(&ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: name.into(),
+            token: None,
         })
         .await;
         match c.next_msg().await {
