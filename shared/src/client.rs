@@ -175,7 +175,13 @@ impl ClientSession {
             welcome.map_height,
             u32::from(welcome.tick_rate),
         );
-        let clock = TickClock::new(u32::from(welcome.tick_rate), welcome.server_tick, now);
+        // The welcome is sent while the server simulates `server_tick + 1` (joins are handled at the start
+        // of a tick), so that is the tick "now"; the first input that can still be applied is the next.
+        let clock = TickClock::new(
+            u32::from(welcome.tick_rate),
+            welcome.server_tick.next(),
+            now,
+        );
         let history = InputHistory::new(usize::from(welcome.input_redundancy));
         let map = Map {
             id: welcome.map_id.clone(),

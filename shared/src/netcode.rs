@@ -366,7 +366,7 @@ pub struct LeadControl {
 }
 
 /// The smallest margin, ticks (scheduling noise of both ends).
-pub const MIN_MARGIN_TICKS: f64 = 0.25;
+pub const MIN_MARGIN_TICKS: f64 = 0.35;
 /// Clean reports after which duplicate sending stops.
 const DUPLICATE_HOLD_REPORTS: u32 = 10;
 
