@@ -18,6 +18,7 @@
 //! - [`session`]: the server's per-client state (acks, baselines, inputs).
 //! - [`client`]: the client's session state machine and server-tick estimator.
 //! - [`netcode`]: client prediction/reconciliation, interpolation, adaptive input lead.
+//! - [`reconnect`]: reconnection backoff with full jitter, connection states, link silence, chat outbox.
 //! - [`map`]: map format (TOML text).
 //! - [`sim`]: the deterministic simulation step.
 
@@ -38,6 +39,7 @@ pub mod lobby;
 pub mod map;
 pub mod netcode;
 pub mod quant;
+pub mod reconnect;
 pub mod session;
 pub mod sim;
 pub mod snapshot;
