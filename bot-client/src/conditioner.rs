@@ -15,6 +15,11 @@
 //! calls, same batching, no extra delay). Queues are bounded by [`QUEUE_CAP`] datagrams per direction
 //! (beyond that a datagram is dropped and counted as `overflow`). Counters are read, and impairments
 //! changed, through the [`Conditioner`] handle.
+//!
+//! [`Conditioner::blackout`] cuts the link both ways (a network switch, a tunnel, a pulled cable):
+//! while it is on, every datagram offered, and every copy that was in flight and comes due, is dropped
+//! and counted as `blackout`; the configured impairments are left untouched and apply again as soon
+//! as it is turned off.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -115,8 +120,9 @@ fn check_link(link: &LinkConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Counters of one direction. Every datagram offered is either dropped, lost to overflow, still
-/// queued, or released (`released` also counts the extra copies).
+/// Counters of one direction. Every datagram offered (plus every extra copy) is either dropped, lost
+/// to overflow, lost to a blackout, still queued, or released:
+/// `offered + duplicated = dropped + overflow + blackout + queued + released`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirectionStats {
     /// Datagrams offered to the impaired link (GSO/GRO batches count each segment).
@@ -129,6 +135,9 @@ pub struct DirectionStats {
     pub delayed: u64,
     /// Dropped because the direction already held [`QUEUE_CAP`] datagrams.
     pub overflow: u64,
+    /// Copies dropped by a [`Conditioner::blackout`]: offered while it was on, or in flight and due
+    /// while it was on.
+    pub blackout: u64,
     /// Copies released from the link (sent through the inner socket, or handed to quinn).
     pub released: u64,
     /// Up only: released datagrams the inner socket refused (counted as lost).
@@ -144,6 +153,7 @@ impl AddAssign for DirectionStats {
         self.duplicated += o.duplicated;
         self.delayed += o.delayed;
         self.overflow += o.overflow;
+        self.blackout += o.blackout;
         self.released += o.released;
         self.send_errors += o.send_errors;
         self.queued += o.queued;
@@ -214,6 +224,24 @@ impl Conditioner {
         lock(&self.down).sim.config = link;
         Ok(())
     }
+
+    /// Turns a blackout on or off. While on, nothing gets through in either direction: datagrams
+    /// offered, and copies in flight that come due, are dropped and counted as
+    /// [`DirectionStats::blackout`]. The impairments (and changes made with [`Self::set_up`] /
+    /// [`Self::set_down`] meanwhile) are kept and apply again when it is turned off; datagrams
+    /// still in flight then (e.g. behind a latency) are delivered as usual. Idempotent.
+    pub fn blackout(&self, on: bool) {
+        lock(&self.up).blackout = on;
+        lock(&self.down).blackout = on;
+        // The sender task re-reads the link (in-flight copies are now dropped, or sent again).
+        self.up_wake.notify_one();
+    }
+
+    /// True while a [`Self::blackout`] is on.
+    #[must_use]
+    pub fn in_blackout(&self) -> bool {
+        lock(&self.up).blackout
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -280,6 +308,8 @@ struct Link {
     counters: DirectionStats,
     /// The seed the socket was created with.
     seed: u64,
+    /// Blackout: nothing is offered or released.
+    blackout: bool,
 }
 
 impl Link {
@@ -291,6 +321,7 @@ impl Link {
             ready: VecDeque::new(),
             counters: DirectionStats::default(),
             seed,
+            blackout: false,
         }
     }
 
@@ -301,9 +332,10 @@ impl Link {
         }
     }
 
-    /// No impairment and nothing held: the socket passes straight through.
+    /// No impairment, no blackout and nothing held: the socket passes straight through.
     fn passthrough(&self) -> bool {
-        self.sim.config == LinkConfig::default()
+        !self.blackout
+            && self.sim.config == LinkConfig::default()
             && self.sim.in_flight() == 0
             && self.ready.is_empty()
     }
@@ -311,6 +343,10 @@ impl Link {
     /// Offers a datagram to the link at link time `now`.
     fn offer(&mut self, now: Duration, datagram: Datagram) {
         self.counters.offered += 1;
+        if self.blackout {
+            self.counters.blackout += 1;
+            return;
+        }
         if self.sim.in_flight() + self.ready.len() >= QUEUE_CAP {
             self.counters.overflow += 1;
             return;
@@ -338,7 +374,7 @@ impl Link {
         }
     }
 
-    /// Moves every copy due by `now` to `ready`, in delivery order.
+    /// Moves every copy due by `now` to `ready`, in delivery order (during a blackout: drops them).
     fn release(&mut self, now: Duration) {
         for key in self.sim.poll(now) {
             let Ok(key) = <[u8; 8]>::try_from(key.as_slice()) else {
@@ -348,6 +384,14 @@ impl Link {
             let Some(p) = self.pending.get_mut(&id) else {
                 continue;
             };
+            if self.blackout {
+                self.counters.blackout += 1;
+                p.copies = p.copies.saturating_sub(1);
+                if p.copies == 0 {
+                    self.pending.remove(&id);
+                }
+                continue;
+            }
             self.counters.released += 1;
             if now > p.offered_at {
                 self.counters.delayed += 1;
@@ -931,6 +975,124 @@ mod tests {
         assert!(sent.elapsed() >= Duration::from_millis(40));
         assert_eq!(handle.stats().up.delayed, 1);
         assert_eq!(handle.impairment().up.latency, Duration::from_millis(40));
+    }
+
+    /// Every copy is accounted for: `offered + duplicated = dropped + overflow + blackout + queued + released`.
+    fn balanced(st: &DirectionStats) -> bool {
+        st.offered + st.duplicated
+            == st.dropped + st.overflow + st.blackout + st.queued + st.released
+    }
+
+    #[tokio::test]
+    async fn blackout_drops_both_ways_and_restores_the_link() {
+        let (socket, handle, peer) = pair(Impairment::default()).await;
+        let to = peer.local_addr().unwrap();
+        let addr = socket.local_addr().unwrap();
+        assert!(!handle.in_blackout());
+        handle.blackout(true);
+        handle.blackout(true);
+        assert!(handle.in_blackout());
+        for i in 0..10u32 {
+            send(&socket, to, &i.to_le_bytes()).await;
+            peer.send_to(&i.to_le_bytes(), addr).await.unwrap();
+        }
+        assert!(
+            recv_all(&socket, Duration::from_millis(100))
+                .await
+                .is_empty(),
+            "nothing received during the blackout"
+        );
+        let mut buf = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), peer.recv(&mut buf))
+                .await
+                .is_err(),
+            "nothing sent during the blackout"
+        );
+        let st = handle.stats();
+        assert_eq!((st.up.offered, st.up.blackout), (10, 10), "{st:?}");
+        assert_eq!((st.down.offered, st.down.blackout), (10, 10), "{st:?}");
+        assert_eq!(
+            st.up.dropped + st.down.dropped + st.up.released + st.down.released,
+            0
+        );
+        assert_eq!(
+            handle.impairment(),
+            Impairment::default(),
+            "configs untouched"
+        );
+
+        // Off again: a pass-through once more (nothing more counted as blackout).
+        handle.blackout(false);
+        assert!(!handle.in_blackout());
+        send(&socket, to, b"after").await;
+        let n = peer.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"after");
+        peer.send_to(b"back", addr).await.unwrap();
+        let got = recv_all(&socket, Duration::from_millis(100)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, b"back");
+        let after = handle.stats();
+        assert_eq!((after.up.blackout, after.down.blackout), (10, 10));
+        assert!(balanced(&after.up) && balanced(&after.down), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn blackout_drops_copies_in_flight_and_keeps_the_impairment() {
+        let latency = link(0.0, 0.0, 60, 0);
+        let imp = Impairment::symmetric(latency, 9);
+        let (socket, handle, peer) = pair(imp).await;
+        let to = peer.local_addr().unwrap();
+        let addr = socket.local_addr().unwrap();
+        // In flight behind the latency when the link is cut.
+        for i in 0..5u32 {
+            send(&socket, to, &i.to_le_bytes()).await;
+            peer.send_to(&i.to_le_bytes(), addr).await.unwrap();
+        }
+        // Let the down-link take them in (they wait for their delivery time inside the link).
+        let early = recv_all(&socket, Duration::from_millis(20)).await;
+        assert!(early.is_empty());
+        handle.blackout(true);
+        // Changing an impairment during a blackout is kept for afterwards.
+        let later = link(0.0, 0.0, 30, 0);
+        handle.set_up(later).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(150), peer.recv(&mut buf))
+                .await
+                .is_err(),
+            "copies in flight are lost in the blackout"
+        );
+        assert!(recv_all(&socket, Duration::from_millis(100))
+            .await
+            .is_empty());
+        let st = handle.stats();
+        assert_eq!((st.up.blackout, st.down.blackout), (5, 5), "{st:?}");
+        assert_eq!((st.up.queued, st.down.queued), (0, 0), "{st:?}");
+        assert!(balanced(&st.up) && balanced(&st.down), "{st:?}");
+
+        handle.blackout(false);
+        assert_eq!(
+            handle.impairment(),
+            Impairment {
+                up: later,
+                down: latency,
+                seed: 9
+            },
+            "the impairments apply again"
+        );
+        let sent = Instant::now();
+        send(&socket, to, b"again").await;
+        let n = peer.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"again");
+        assert!(sent.elapsed() >= Duration::from_millis(30));
+        peer.send_to(b"down", addr).await.unwrap();
+        let got = recv_all(&socket, Duration::from_millis(150)).await;
+        assert_eq!(got.len(), 1);
+        let st = handle.stats();
+        assert_eq!((st.up.blackout, st.down.blackout), (5, 5), "{st:?}");
+        assert_eq!((st.up.released, st.down.released), (1, 1), "{st:?}");
+        assert!(balanced(&st.up) && balanced(&st.down), "{st:?}");
     }
 
     #[tokio::test]

@@ -236,6 +236,40 @@ async fn no_impairment_is_invisible_until_latency_is_turned_on() {
     .await;
 }
 
+#[tokio::test]
+async fn a_short_blackout_stops_everything_and_the_connection_survives_it() {
+    bounded(async {
+        let server = start(test_config());
+        let imp = Impairment::symmetric(link_of(10), 21);
+        let (ep, link, client, _) = join(&server, imp, "tunnel").await;
+        let id = client.connection().stable_id();
+        assert!(snapshots_during(&client, Duration::from_millis(500)).await > 15);
+
+        link.blackout(true);
+        // What was in flight may still land in the first few ms; after that, nothing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let during = snapshots_during(&client, Duration::from_millis(1500)).await;
+        let cut = link.stats();
+        link.blackout(false);
+        let after = snapshots_during(&client, Duration::from_secs(1)).await;
+        let l = link.stats();
+        eprintln!("1.6 s blackout: {during} snapshots during, {after} in 1 s after, link {l:?}");
+        assert_eq!(during, 0, "nothing gets through a blackout");
+        assert!(cut.up.blackout > 0 && cut.down.blackout > 0, "{cut:?}");
+        assert!(after > 20, "snapshots flow again: {after}");
+        assert_eq!(l.up.blackout, cut.up.blackout, "nothing cut after it ends");
+        assert_eq!(l.down.blackout, cut.down.blackout);
+        assert_eq!(link.impairment().up, link_of(10), "the impairment is back");
+        assert!(client.is_connected());
+        assert_eq!(client.connection().stable_id(), id, "the same connection");
+
+        client.close().await;
+        drop(ep);
+        server.server.shutdown().await;
+    })
+    .await;
+}
+
 fn link_of(latency_ms: u64) -> LinkConfig {
     link(0.0, 0.0, latency_ms, 0)
 }
