@@ -16,6 +16,11 @@
 //! (beyond that a datagram is dropped and counted as `overflow`). Counters are read, and impairments
 //! changed, through the [`Conditioner`] handle.
 //!
+//! [`ConditionedSocket::rewrap`] puts a fresh inner socket under the *same* links (impairments,
+//! queues, counters, handle), for a client endpoint that changes its address (see
+//! [`crate::migrate`]): from then on the up-link is sent through the new socket only, while the old
+//! one still delivers what it receives until quinn drops it.
+//!
 //! [`Conditioner::blackout`] cuts the link both ways (a network switch, a tunnel, a pulled cable):
 //! while it is on, every datagram offered, and every copy that was in flight and comes due, is dropped
 //! and counted as `blackout`; the configured impairments are left untouched and apply again as soon
@@ -186,6 +191,8 @@ pub struct Conditioner {
     down: Arc<Mutex<Link>>,
     /// Wakes the up-link sender task.
     up_wake: Arc<Notify>,
+    /// Link time zero (shared by every socket put under these links).
+    epoch: Instant,
 }
 
 impl Conditioner {
@@ -310,6 +317,9 @@ struct Link {
     seed: u64,
     /// Blackout: nothing is offered or released.
     blackout: bool,
+    /// Up only: the generation of the socket whose sender task sends for this link (the newest
+    /// [`ConditionedSocket::rewrap`]); older sockets' tasks stop.
+    owner: u64,
 }
 
 impl Link {
@@ -322,6 +332,7 @@ impl Link {
             counters: DirectionStats::default(),
             seed,
             blackout: false,
+            owner: 0,
         }
     }
 
@@ -420,6 +431,8 @@ pub struct ConditionedSocket {
     timer: Mutex<Option<Pin<Box<Sleep>>>>,
     /// Link time zero.
     epoch: Instant,
+    /// Which socket of these links this is (0 for the first, then one more per rewrap).
+    generation: u64,
     /// Dropped with the socket: stops the sender task.
     _closed: watch::Sender<()>,
 }
@@ -428,6 +441,7 @@ impl fmt::Debug for ConditionedSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConditionedSocket")
             .field("inner", &self.inner)
+            .field("generation", &self.generation)
             .field("up", &lock(&self.up).stats())
             .field("down", &lock(&self.down).stats())
             .finish_non_exhaustive()
@@ -448,31 +462,64 @@ impl ConditionedSocket {
         let (up_seed, down_seed) = imp.link_seeds();
         let up = Arc::new(Mutex::new(Link::new(imp.up, up_seed, imp.seed)));
         let down = Arc::new(Mutex::new(Link::new(imp.down, down_seed, imp.seed)));
-        let up_wake = Arc::new(Notify::new());
-        let (closed_tx, closed_rx) = watch::channel(());
-        let epoch = Instant::now();
-        runtime.spawn(send_delayed(
-            inner.clone(),
-            up.clone(),
-            up_wake.clone(),
-            epoch,
-            closed_rx,
-        ));
         let handle = Conditioner {
-            up: up.clone(),
-            down: down.clone(),
-            up_wake: up_wake.clone(),
-        };
-        let socket = Arc::new(Self {
-            inner,
             up,
             down,
-            up_wake,
-            timer: Mutex::new(None),
-            epoch,
-            _closed: closed_tx,
-        });
+            up_wake: Arc::new(Notify::new()),
+            epoch: Instant::now(),
+        };
+        let socket = Self::start(inner, &handle, 0, &runtime);
         Ok((socket, handle))
+    }
+
+    /// Puts `inner` under the links of `handle` (same impairments, queues, counters and blackout
+    /// state; `handle` keeps working): from now on the up-link's delayed datagrams go out through
+    /// `inner`, and the socket previously under these links stops sending them (it still delivers
+    /// what it receives, until it is dropped). For [`quinn::Endpoint::rebind_abstract`]. Fails when
+    /// there is no tokio runtime.
+    pub fn rewrap(
+        inner: Arc<dyn AsyncUdpSocket>,
+        handle: &Conditioner,
+    ) -> anyhow::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| anyhow!("a conditioned socket needs a tokio runtime"))?;
+        let generation = {
+            let mut up = lock(&handle.up);
+            up.owner = up.owner.wrapping_add(1);
+            up.owner
+        };
+        let socket = Self::start(inner, handle, generation, &runtime);
+        // The old sender task sees it is no longer the owner and stops; the new one takes over.
+        handle.up_wake.notify_one();
+        Ok(socket)
+    }
+
+    /// A socket over `inner` and the links of `handle`, and its up-link sender task.
+    fn start(
+        inner: Arc<dyn AsyncUdpSocket>,
+        handle: &Conditioner,
+        generation: u64,
+        runtime: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        let (closed_tx, closed_rx) = watch::channel(());
+        runtime.spawn(send_delayed(
+            inner.clone(),
+            handle.up.clone(),
+            handle.up_wake.clone(),
+            handle.epoch,
+            generation,
+            closed_rx,
+        ));
+        Arc::new(Self {
+            inner,
+            up: handle.up.clone(),
+            down: handle.down.clone(),
+            up_wake: handle.up_wake.clone(),
+            timer: Mutex::new(None),
+            epoch: handle.epoch,
+            generation,
+            _closed: closed_tx,
+        })
     }
 
     /// Link time.
@@ -531,8 +578,9 @@ impl AsyncUdpSocket for ConditionedSocket {
                 },
             );
         }
-        // Send what is due now inline, unless older datagrams are waiting for the sender task.
-        let behind = !up.ready.is_empty();
+        // Send what is due now inline, unless older datagrams are waiting for the sender task (or a
+        // newer socket took over the link: its task sends them).
+        let behind = !up.ready.is_empty() || up.owner != self.generation;
         up.release(now);
         if !behind {
             while let Some(d) = up.ready.pop_front() {
@@ -644,12 +692,14 @@ impl AsyncUdpSocket for ConditionedSocket {
 }
 
 /// The up-link sender task: sends each datagram when due, waits for writability when the inner
-/// socket is full, ends when the socket is dropped.
+/// socket is full, ends when the socket is dropped or a newer socket took over the link
+/// ([`ConditionedSocket::rewrap`]).
 async fn send_delayed(
     inner: Arc<dyn AsyncUdpSocket>,
     up: Arc<Mutex<Link>>,
     wake: Arc<Notify>,
     epoch: Instant,
+    generation: u64,
     mut closed: watch::Receiver<()>,
 ) {
     let mut poller = inner.clone().create_io_poller();
@@ -657,6 +707,12 @@ async fn send_delayed(
         loop {
             let next = {
                 let mut link = lock(&up);
+                if link.owner != generation {
+                    drop(link);
+                    // Pass on a wake-up this task may have taken from the new owner.
+                    wake.notify_one();
+                    return;
+                }
                 link.release(epoch.elapsed());
                 link.ready.pop_front()
             };
@@ -1093,6 +1149,55 @@ mod tests {
         assert_eq!((st.up.blackout, st.down.blackout), (5, 5), "{st:?}");
         assert_eq!((st.up.released, st.down.released), (1, 1), "{st:?}");
         assert!(balanced(&st.up) && balanced(&st.down), "{st:?}");
+    }
+
+    #[tokio::test]
+    async fn rewrap_moves_the_up_link_to_the_new_socket_and_keeps_the_handle() {
+        let imp = Impairment {
+            up: link(0.0, 0.0, 40, 0),
+            ..Impairment::default()
+        };
+        let (old, handle, peer) = pair(imp).await;
+        let to = peer.local_addr().unwrap();
+        let old_addr = old.local_addr().unwrap();
+        for i in 0..3u32 {
+            send(&old, to, &i.to_le_bytes()).await;
+        }
+        let fresh = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, fresh).unwrap();
+        let new = ConditionedSocket::rewrap(inner, &handle).unwrap();
+        let new_addr = new.local_addr().unwrap();
+        assert_ne!(new_addr, old_addr);
+        for i in 3..6u32 {
+            send(&new, to, &i.to_le_bytes()).await;
+        }
+        // Everything still in the up-link leaves from the new address (as after a NAT rebinding).
+        let mut buf = [0u8; 16];
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            got.push((u32::from_le_bytes(buf[..n].try_into().unwrap()), from));
+        }
+        assert_eq!(
+            got,
+            (0..6u32).map(|i| (i, new_addr)).collect::<Vec<_>>(),
+            "in order, all from the new socket"
+        );
+        // The same handle controls and counts the new socket.
+        handle.blackout(true);
+        send(&new, to, b"cut!").await;
+        handle.blackout(false);
+        let st = handle.stats().up;
+        assert_eq!((st.offered, st.released, st.blackout), (7, 6, 1), "{st:?}");
+        // The old socket still delivers what reaches it, through the shared down-link.
+        handle.set_down(link(0.0, 0.0, 10, 0)).unwrap();
+        peer.send_to(b"late", old_addr).await.unwrap();
+        let late = recv_all(&old, Duration::from_millis(100)).await;
+        assert_eq!(late.len(), 1);
+        assert_eq!(handle.stats().down.released, 1);
     }
 
     #[tokio::test]

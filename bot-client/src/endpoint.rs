@@ -88,16 +88,7 @@ pub(crate) fn client_endpoint_with(
     let config = client_config(trust)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| anyhow!("client_endpoint must be called inside a tokio runtime"))?;
-    let socket = std::net::UdpSocket::bind(bind)
-        .with_context(|| format!("cannot bind UDP socket {bind}"))?;
-    match quinn::udp::UdpSocketState::new((&socket).into()) {
-        Ok(state) => {
-            if let Err(e) = state.set_recv_buffer_size((&socket).into(), SOCKET_RECV_BUFFER) {
-                tracing::debug!("cannot set SO_RCVBUF to {SOCKET_RECV_BUFFER}: {e}");
-            }
-        }
-        Err(e) => tracing::debug!("cannot inspect UDP socket: {e}"),
-    }
+    let socket = bind_udp(bind)?;
     let socket = runtime
         .wrap_udp_socket(socket)
         .with_context(|| format!("cannot use UDP socket {bind}"))?;
@@ -111,6 +102,21 @@ pub(crate) fn client_endpoint_with(
     .with_context(|| format!("cannot create QUIC endpoint on {bind}"))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// A UDP socket bound to `bind`, asking for a [`SOCKET_RECV_BUFFER`] receive buffer (best effort).
+pub(crate) fn bind_udp(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(bind)
+        .with_context(|| format!("cannot bind UDP socket {bind}"))?;
+    match quinn::udp::UdpSocketState::new((&socket).into()) {
+        Ok(state) => {
+            if let Err(e) = state.set_recv_buffer_size((&socket).into(), SOCKET_RECV_BUFFER) {
+                tracing::debug!("cannot set SO_RCVBUF to {SOCKET_RECV_BUFFER}: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("cannot inspect UDP socket: {e}"),
+    }
+    Ok(socket)
 }
 
 #[cfg(test)]

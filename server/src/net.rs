@@ -54,6 +54,8 @@ pub fn server_endpoint(
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     sc.transport_config(Arc::new(t));
+    // quinn's default, relied on: a client keeps its session across address changes.
+    sc.migration(true);
     quinn::Endpoint::server(sc, bind).with_context(|| format!("cannot bind UDP {bind}"))
 }
 
@@ -219,10 +221,12 @@ async fn serve(
         conn.close(close::SHUTDOWN.into(), b"server shutting down");
         return;
     }
+    let mut remote = conn.remote_address();
     let reason = loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
                 Ok(bytes) => {
+                    note_migration(conn, &mut remote, &ctx.stats);
                     if bytes.len() > MAX_INPUT_DATAGRAM {
                         break violation(conn, &ctx.stats.bad_datagrams, "datagram", &WireError::TooLarge(bytes.len(), MAX_INPUT_DATAGRAM));
                     }
@@ -284,6 +288,16 @@ async fn serve(
         }
     };
     let _ = ctx.control.send(Control::Gone { conn: id, reason }).await;
+}
+
+/// Counts a change of the client's address (QUIC migration), checked as each datagram arrives.
+fn note_migration(conn: &quinn::Connection, remote: &mut SocketAddr, stats: &ServerStats) {
+    let now = conn.remote_address();
+    if now != *remote {
+        ServerStats::add(&stats.migrations, 1);
+        tracing::debug!(from = %remote, to = %now, "client migrated");
+        *remote = now;
+    }
 }
 
 async fn writer(

@@ -44,6 +44,9 @@ counters! {
     connections_accepted,
     /// Connections currently open (a gauge).
     connections_current,
+    /// Client address changes seen on open connections (QUIC connection migration, NAT rebinding),
+    /// noticed when the next datagram from that client arrives.
+    migrations,
     /// Handshakes that failed or timed out (QUIC or `hello`).
     handshake_failures,
     /// Connections refused because `max_pending_handshakes` were already pending.
