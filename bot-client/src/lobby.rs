@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use quicktick_shared::wire::{ChatLine, PlayerInfo, ServerMsg, Welcome};
+use quicktick_shared::wire::{ChatLine, PlayerInfo, Resumed, ServerMsg, Welcome};
 
 /// Which chat lines one client received, kept compact (4 bytes per line) so a swarm can keep them all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,8 +84,14 @@ pub struct LobbyCounters {
     pub server_errors: u64,
     /// Messages not valid after the welcome (a second `Welcome` or `Refused`).
     pub unexpected: u64,
-    /// `PlayerJoined` for an id already present, or `PlayerLeft` for one absent.
+    /// `PlayerJoined` for an id already present, or `PlayerLeft`/`Presence` for one absent.
     pub presence_anomalies: u64,
+    /// `Presence` changes received.
+    pub presence_changes: u64,
+    /// Typing indicators received.
+    pub typing_seen: u64,
+    /// Chat lines received in resume replays.
+    pub chat_replayed: u64,
     /// Shots the server judged for this client.
     pub shots: u64,
     /// Of which hit something.
@@ -113,6 +119,10 @@ pub(crate) struct LobbyView {
     log_limit: usize,
     /// Sequence number of the previous line received.
     last_seq: Option<u64>,
+    /// Newest chat sequence number this client has seen or was told precedes it (resume cursor).
+    cursor: u64,
+    /// Lines still expected from the current resume replay.
+    replay_left: u32,
     /// Which lines arrived.
     receipts: ChatReceipts,
     /// Counters.
@@ -127,6 +137,8 @@ impl LobbyView {
             log: VecDeque::new(),
             log_limit,
             last_seq: None,
+            cursor: welcome.chat_seq,
+            replay_left: 0,
             receipts: ChatReceipts::new(welcome.player_id, welcome.chat_seq),
             counters: LobbyCounters::default(),
         }
@@ -147,6 +159,18 @@ impl LobbyView {
                 }
                 tracing::trace!(id, ?reason, "player left");
             }
+            ServerMsg::Presence { id, state, room } => {
+                self.counters.presence_changes += 1;
+                match self.roster.get_mut(&id) {
+                    Some(p) => {
+                        p.state = state;
+                        p.room = room;
+                    }
+                    None => self.counters.presence_anomalies += 1,
+                }
+            }
+            ServerMsg::Typing { .. } => self.counters.typing_seen += 1,
+            ServerMsg::Resumed(r) => self.resumed(&r),
             ServerMsg::ShotResult {
                 hit, compensated, ..
             } => {
@@ -180,8 +204,35 @@ impl LobbyView {
         }
     }
 
+    /// The session continued on a new connection: the roster is the server's again, and the
+    /// replayed lines that follow count as replays.
+    pub(crate) fn resumed(&mut self, r: &Resumed) {
+        self.roster = r.players.iter().map(|p| (p.id, p.clone())).collect();
+        self.replay_left = r.chat_replayed;
+    }
+
+    /// Joined afresh as a new player (the old session was gone): roster, cursor and receipts start
+    /// over from `welcome`; counters continue.
+    pub(crate) fn rejoined(&mut self, welcome: &Welcome) {
+        self.roster = welcome.players.iter().map(|p| (p.id, p.clone())).collect();
+        self.cursor = welcome.chat_seq;
+        self.last_seq = None;
+        self.replay_left = 0;
+        self.receipts = ChatReceipts::new(welcome.player_id, welcome.chat_seq);
+    }
+
+    /// The resume cursor: the newest chat sequence number received (or the join point).
+    pub(crate) fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
     fn chat(&mut self, line: ChatLine) {
+        self.cursor = self.cursor.max(line.seq);
         let c = &mut self.counters;
+        if self.replay_left > 0 {
+            self.replay_left -= 1;
+            c.chat_replayed += 1;
+        }
         c.chat_received += 1;
         if self.last_seq.is_some_and(|prev| line.seq <= prev) {
             c.chat_out_of_order += 1;
@@ -236,6 +287,8 @@ mod tests {
                 index: id as u16,
                 generation: 0,
             },
+            state: quicktick_shared::wire::PresenceState::Lobby,
+            room: "lobby".into(),
         }
     }
 
@@ -256,6 +309,8 @@ mod tests {
             chat_seq,
             walls: vec![],
             lag_comp_ms: 200,
+            resume_token: vec![1; 16],
+            grace_ms: 30_000,
         }
     }
 
@@ -264,6 +319,7 @@ mod tests {
             seq,
             from,
             client_msg_id: id,
+            scope: quicktick_shared::wire::ChatScope::Global,
             text: format!("{from}/{id}"),
         })
     }

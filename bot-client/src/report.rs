@@ -163,6 +163,31 @@ pub struct Report {
     pub connect_error_messages: Vec<String>,
     /// Distinct reasons of connections that closed before the swarm closed them.
     pub close_reasons: Vec<String>,
+    /// Connections lost (each bot may lose and resume several).
+    pub connections_lost: u64,
+    /// Reconnection attempts made.
+    pub reconnect_attempts: u64,
+    /// Most reconnection attempts started within any one second, over all bots.
+    pub peak_attempts_per_s: u64,
+    /// Sessions resumed (same player and avatar).
+    pub resumes: u64,
+    /// Resumes whose first snapshot was a keyframe.
+    pub resume_keyframes: u64,
+    /// Resumes refused (session gone) that joined afresh as a new player.
+    pub rejoins: u64,
+    /// Endpoint address changes (QUIC connection migration, `--migrate-every`).
+    pub migrations: u64,
+    /// Times a bot's link went silent past the degraded threshold.
+    pub degraded: u64,
+    /// Chat lines lost: lines sent that the server never confirmed (still queued or dropped), plus
+    /// confirmed lines that some other bot connected at the end (and joined before) never received.
+    pub chat_lost: u64,
+    /// Chat lines received in resume replays.
+    pub chat_replayed: u64,
+    /// Own lines resent after a resume (the server drops those it already had).
+    pub chat_resent: u64,
+    /// Joins or re-joins refused because of the connect token.
+    pub token_refusals: u64,
 }
 
 /// What is known about one bot that connected, at the end of the run.
@@ -193,6 +218,14 @@ pub struct RunFacts {
     pub presence_mismatches: u64,
     /// From [`chat_missing`].
     pub chat_missing: u64,
+    /// From [`chat_lost`].
+    pub chat_lost: u64,
+    /// From [`peak_per_second`] over every bot's reconnection attempts.
+    pub peak_attempts_per_s: u64,
+    /// Endpoint rebinds done by the swarm.
+    pub migrations: u64,
+    /// Bots refused at the first join because of the connect token.
+    pub token_refusals: u64,
 }
 
 fn distinct(v: &[String]) -> Vec<String> {
@@ -216,6 +249,10 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         connect_errors: facts.connect_errors.len() as u64,
         connect_error_messages: distinct(&facts.connect_errors),
         close_reasons: distinct(&facts.close_reasons),
+        chat_lost: facts.chat_lost,
+        peak_attempts_per_s: facts.peak_attempts_per_s,
+        migrations: facts.migrations,
+        token_refusals: facts.token_refusals,
         ..Report::default()
     };
     let mut rtt: Option<Histogram<u64>> = None;
@@ -256,6 +293,15 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         r.shots += s.shots;
         r.hits += s.hits;
         r.shots_compensated += s.shots_compensated;
+        r.connections_lost += s.connections_lost;
+        r.reconnect_attempts += s.reconnect_attempts;
+        r.resumes += s.resumes;
+        r.resume_keyframes += s.resume_keyframes;
+        r.rejoins += s.rejoins;
+        r.degraded += s.degraded;
+        r.chat_replayed += s.chat_replayed;
+        r.chat_resent += s.chat_resent;
+        r.token_refusals += s.token_refusals;
         for (acc, h) in [
             (&mut lat, &s.input_to_snapshot_us),
             (&mut perr, &s.prediction_error_uu),
@@ -335,6 +381,42 @@ pub fn chat_missing(senders: &[&ChatReceipts], receivers: &[&ChatReceipts]) -> u
     missing
 }
 
+/// Chat lines lost, counted once per line: every line a sender wrote that the server never
+/// confirmed (`unconfirmed`: per sender, lines still queued or settled without an echo), plus every
+/// echoed line that at least one receiver other than its sender, joined before it, does not have.
+#[must_use]
+pub fn chat_lost(senders: &[(&ChatReceipts, u64)], receivers: &[&ChatReceipts]) -> u64 {
+    let mut lost = 0;
+    for (a, unconfirmed) in senders {
+        lost += unconfirmed;
+        for &(seq, id) in &a.echoed {
+            let missing = receivers
+                .iter()
+                .any(|b| b.me != a.me && seq > b.joined_after_seq && !b.has(a.me, id));
+            lost += u64::from(missing);
+        }
+    }
+    lost
+}
+
+/// The most instants that fall within any one-second window.
+#[must_use]
+pub fn peak_per_second(times: &mut [std::time::Instant]) -> u64 {
+    times.sort_unstable();
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while let (Some(h), Some(l)) = (times.get(hi), times.get(lo)) {
+            if h.duration_since(*l) < Duration::from_secs(1) {
+                break;
+            }
+            lo += 1;
+        }
+        best = best.max(hi + 1 - lo);
+    }
+    best as u64
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -367,6 +449,7 @@ mod tests {
                 seq,
                 from,
                 client_msg_id: id,
+                scope: quicktick_shared::wire::ChatScope::Global,
                 text: String::new(),
             });
         }
@@ -387,6 +470,20 @@ mod tests {
         // A disconnected receiver does not count; a disconnected sender's lines still do.
         assert_eq!(chat_missing(&all, &[&a, &c]), 0);
         assert_eq!(chat_missing(&all, &[&b]), 1);
+        // Lost counts lines, not pairs, plus what the server never confirmed.
+        let e = receipts(5, 0, &[(1, 1, 1), (2, 2, 1)]); // also misses 1/2
+        let rx = [&a, &b, &c, &e];
+        assert_eq!(chat_lost(&[(&a, 0), (&b, 0), (&c, 0)], &rx), 1);
+        assert_eq!(chat_lost(&[(&a, 2), (&b, 0)], &rx), 3);
+    }
+
+    #[test]
+    fn peak_attempts_per_second() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut v = vec![at(0), at(100), at(900), at(1000), at(1050), at(2500), at(1999)];
+        assert_eq!(peak_per_second(&mut v), 4, "100, 900, 1000 and 1050 within one second");
+        assert_eq!(peak_per_second(&mut []), 0);
     }
 
     fn stats(snapshots: u64, bytes_max: u64, rtt_us: &[u64]) -> ClientStats {
@@ -442,6 +539,16 @@ mod tests {
             inputs_late: 1,
             inputs_missing: 2,
             rtt_us: h,
+            chat_replayed: 0,
+            chat_dropped_by_server: 0,
+            chat_resent: 0,
+            connections_lost: 1,
+            reconnect_attempts: 2,
+            resumes: 1,
+            resume_keyframes: 0,
+            rejoins: 0,
+            token_refusals: 0,
+            degraded: 1,
         }
     }
 
@@ -467,8 +574,20 @@ mod tests {
             close_reasons: vec!["timed out".into(), "b".into(), "timed out".into()],
             presence_mismatches: 1,
             chat_missing: 4,
+            chat_lost: 2,
+            peak_attempts_per_s: 7,
+            migrations: 3,
+            token_refusals: 0,
         };
         let r = aggregate(&facts, &bots);
+        assert_eq!(
+            (r.chat_lost, r.peak_attempts_per_s, r.migrations),
+            (2, 7, 3)
+        );
+        assert_eq!(
+            (r.connections_lost, r.reconnect_attempts, r.resumes, r.degraded),
+            (2, 4, 2, 2)
+        );
         assert_eq!(r.bots_requested, 3);
         assert_eq!(r.bots_connected, 2);
         assert_eq!(r.bots_connected_at_end, 1);

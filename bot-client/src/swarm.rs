@@ -16,10 +16,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::behaviour::{Rng, Wander};
-use crate::client::{Client, ClientOptions};
+use crate::client::{Client, ClientOptions, TokenSource};
+use crate::migrate::rebind_endpoint;
+use quicktick_shared::reconnect::ConnectionState;
 use crate::conditioner::{conditioned_endpoint_with_handle, ConditionerStats, Impairment};
 use crate::endpoint::{client_endpoint, load_trust};
-use crate::report::{aggregate, chat_missing, presence_mismatches, BotOutcome, Report, RunFacts};
+use crate::report::{
+    aggregate, chat_lost, chat_missing, peak_per_second, presence_mismatches, BotOutcome, Report,
+    RunFacts,
+};
 
 /// Delay between the starts of two consecutive bots' connection attempts.
 pub const STAGGER: Duration = Duration::from_millis(2);
@@ -120,6 +125,25 @@ pub struct SwarmConfig {
     /// Seed of the impairments; endpoint n draws from a seed derived from it and n.
     #[arg(long, default_value_t = 1, help_heading = "Link impairment")]
     pub seed: u64,
+    /// Cut every endpoint's link completely (both ways) this many seconds into the run...
+    #[arg(long, value_name = "SECS", help_heading = "Link impairment")]
+    pub blackout_at: Option<f64>,
+    /// ...for this long (bots notice, reconnect with backoff and resume).
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        value_name = "SECS",
+        help_heading = "Link impairment"
+    )]
+    pub blackout_secs: f64,
+    /// Move every endpoint to a new UDP port this often (QUIC connection migration, as after a NAT
+    /// rebinding); the sessions continue without reconnecting.
+    #[arg(long, value_name = "SECS", help_heading = "Link impairment")]
+    pub migrate_every: Option<f64>,
+    /// Connect tokens, one per line (`quicktick-server token`), for servers that require them: each
+    /// join (and each fresh re-join) takes the next unused line.
+    #[arg(long, value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl SwarmConfig {
@@ -144,7 +168,7 @@ impl SwarmConfig {
             ),
             seed: self.seed,
         };
-        (!imp.is_none()).then_some(imp)
+        (!imp.is_none() || self.blackout_at.is_some()).then_some(imp)
     }
 }
 
@@ -242,6 +266,14 @@ fn check(cfg: &SwarmConfig) -> anyhow::Result<()> {
         imp.validate()
             .context("--latency-ms / --jitter-ms too large")?;
     }
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if cfg.blackout_at.is_some_and(|v| !(v.is_finite() && v >= 0.0)) || !positive(cfg.blackout_secs)
+    {
+        bail!("--blackout-at must be 0 or more and --blackout-secs positive");
+    }
+    if cfg.migrate_every.is_some_and(|v| !positive(v)) {
+        bail!("--migrate-every must be a positive number of seconds");
+    }
     Ok(())
 }
 
@@ -285,7 +317,68 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
         tracing::info!(up = ?imp.up, down = ?imp.down, seed = imp.seed, "link impaired");
     }
 
+    let tokens: Option<TokenSource> = match &cfg.tokens_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read tokens file {}", path.display()))?;
+            let queue: std::collections::VecDeque<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if queue.len() < cfg.bots {
+                bail!(
+                    "tokens file {} has {} tokens for {} bots",
+                    path.display(),
+                    queue.len(),
+                    cfg.bots
+                );
+            }
+            let queue = Arc::new(Mutex::new(queue));
+            Some(Arc::new(move || lock(&queue).pop_front()))
+        }
+    };
+
     let started = Instant::now();
+    let mut chaos = JoinSet::new();
+    let migrations = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(at) = cfg.blackout_at {
+        let links = links.clone();
+        let secs = cfg.blackout_secs;
+        chaos.spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(at)).await;
+            tracing::info!(secs, "blackout starts");
+            for l in &links {
+                l.blackout(true);
+            }
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            for l in &links {
+                l.blackout(false);
+            }
+            tracing::info!("blackout ends");
+        });
+    }
+    if let Some(every) = cfg.migrate_every {
+        let endpoints = endpoints.clone();
+        let links = links.clone();
+        let moved = migrations.clone();
+        chaos.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs_f64(every)).await;
+                for (n, e) in endpoints.iter().enumerate() {
+                    match rebind_endpoint(e, links.get(n)) {
+                        Ok(addr) => {
+                            moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::debug!(%addr, "endpoint moved");
+                        }
+                        Err(err) => tracing::warn!("cannot move endpoint: {err:#}"),
+                    }
+                }
+            }
+        });
+    }
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -305,6 +398,7 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
             bot_name(&run_prefix, i),
             endpoint.clone(),
             cfg.clone(),
+            tokens.clone(),
             registry.clone(),
             phase_rx.clone(),
             seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -344,7 +438,8 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 };
                 let line = progress.line(&clients, cfg.bots);
                 println!("{line}");
-                if pending == 0 && !clients.iter().any(|(c, _)| c.is_connected()) {
+                let alive = |c: &Client| !matches!(c.state(), ConnectionState::Lost { .. });
+                if pending == 0 && !clients.iter().any(|(c, _)| alive(c)) {
                     tracing::warn!("no bot connected any more; ending the run");
                     break;
                 }
@@ -384,10 +479,12 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = tokio::time::timeout(IDLE_WAIT, e.wait_idle()).await;
     }
 
+    chaos.abort_all();
     let facts = RunFacts {
         bots_requested: cfg.bots as u64,
         duration: checked_at.duration_since(started),
         connect_errors,
+        migrations: migrations.load(std::sync::atomic::Ordering::Relaxed),
         ..facts
     };
     let report = aggregate(&facts, &outcomes);
@@ -452,14 +549,18 @@ fn check_end(
     let mut rosters = Vec::new();
     let mut names = BTreeSet::new();
     let mut close_reasons = Vec::new();
+    let mut attempts = Vec::new();
     for (client, at) in joined {
         let up = client.is_connected();
+        let stats = client.stats();
+        let unconfirmed = client.chat_pending() as u64 + stats.chat_dropped_by_server;
         outcomes.push(BotOutcome {
-            stats: client.stats(),
+            stats,
             connected_for: checked_at.saturating_duration_since(*at),
             connected_at_end: up,
         });
-        receipts.push((up, client.chat_receipts()));
+        attempts.extend(client.attempt_times());
+        receipts.push((up, client.chat_receipts(), unconfirmed));
         if up {
             names.insert(client.name().to_owned());
             rosters.push(client.roster().into_iter().map(|p| p.name).collect());
@@ -467,17 +568,20 @@ fn check_end(
             close_reasons.push(r);
         }
     }
-    let senders: Vec<_> = receipts.iter().map(|(_, r)| r).collect();
+    let senders: Vec<_> = receipts.iter().map(|(_, r, _)| r).collect();
+    let lost_senders: Vec<_> = receipts.iter().map(|(_, r, u)| (r, *u)).collect();
     let receivers: Vec<_> = receipts
         .iter()
-        .filter(|(up, _)| *up)
-        .map(|(_, r)| r)
+        .filter(|(up, _, _)| *up)
+        .map(|(_, r, _)| r)
         .collect();
     let facts = RunFacts {
         tick_rate: joined.first().map_or(0, |(c, _)| c.welcome().tick_rate),
         close_reasons,
         presence_mismatches: presence_mismatches(&rosters, &names, run_prefix),
         chat_missing: chat_missing(&senders, &receivers),
+        chat_lost: chat_lost(&lost_senders, &receivers),
+        peak_attempts_per_s: peak_per_second(&mut attempts),
         ..RunFacts::default()
     };
     (outcomes, facts)
@@ -505,12 +609,15 @@ async fn bot(
     name: String,
     endpoint: quinn::Endpoint,
     cfg: Arc<SwarmConfig>,
+    tokens: Option<TokenSource>,
     registry: Registry,
     mut phase: watch::Receiver<Phase>,
     seed: u64,
 ) {
     let options = ClientOptions {
         chat_log_limit: BOT_CHAT_LOG,
+        token_source: tokens,
+        jitter_seed: Some(seed),
         ..ClientOptions::default()
     };
     let attempt = async {
@@ -547,7 +654,8 @@ async fn bot(
     let start = Instant::now();
     let mut next_chat = chat_every.map(|e| start + rng.jittered(e, CHAT_JITTER));
     let mut lines = 0u32;
-    let avatar = client.welcome().avatar;
+    let mut avatar = client.welcome().avatar;
+    let mut player = client.player_id();
     let mut interval = tokio::time::interval(BEHAVIOUR_PERIOD);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -555,9 +663,14 @@ async fn bot(
             _ = interval.tick() => {}
             () = reached(&mut phase, Phase::Stop) => return,
         }
-        if !client.is_connected() {
-            tracing::info!(%name, reason = client.close_reason().unwrap_or_default(), "disconnected");
+        if let ConnectionState::Lost { reason } = client.state() {
+            tracing::info!(%name, %reason, "connection lost for good");
             return;
+        }
+        if client.player_id() != player {
+            // Re-joined afresh as a new player (the server lost the session): new avatar.
+            player = client.player_id();
+            avatar = client.welcome().avatar;
         }
         let velocity = client.latest_snapshot().and_then(|s| {
             s.get(avatar.index)

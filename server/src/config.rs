@@ -56,6 +56,11 @@ pub struct ServerConfig {
     pub auth: AuthMode,
     /// File holding the hex token secret (≥ 32 bytes); needed for `required` and for `token`.
     pub auth_secret_file: Option<PathBuf>,
+    /// How long a player whose connection dropped keeps their session for a resume, ms (0: no
+    /// resume; at most 600 000).
+    pub resume_grace_ms: u32,
+    /// Chat lines kept per channel (global, each room, each player's whispers) for replay, 1..=4096.
+    pub chat_history: usize,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -86,6 +91,8 @@ impl Default for ServerConfig {
             lag_comp_ms: 200,
             auth: AuthMode::Auto,
             auth_secret_file: None,
+            resume_grace_ms: 30_000,
+            chat_history: 256,
             start_tick: 0,
         }
     }
@@ -201,6 +208,12 @@ impl ServerConfig {
                 "max_pending_handshakes must be within 1..=65536 (got {})",
                 self.max_pending_handshakes
             );
+        }
+        if self.resume_grace_ms > 600_000 {
+            bail!("resume_grace_ms must be at most 600000 (got {})", self.resume_grace_ms);
+        }
+        if !(1..=4096).contains(&self.chat_history) {
+            bail!("chat_history must be within 1..=4096 (got {})", self.chat_history);
         }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");

@@ -14,8 +14,11 @@ use quicktick_shared::session::ServerSession;
 use quicktick_shared::sim::{SimConfig, SimEvent, World};
 use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
+use quicktick_shared::lobby::PresenceOutcome;
+use quicktick_shared::sim::Entity;
 use quicktick_shared::wire::{
-    close, ErrorCode, InputDatagram, LeaveReason, PlayerInfo, RefuseReason, ServerMsg, Welcome,
+    close, Channel, ClientMsg, ErrorCode, InputDatagram, LeaveReason, PlayerInfo,
+    RefuseReason, ResumeRequest, Resumed, ServerMsg, Welcome, RESUME_TOKEN_BYTES,
 };
 
 use crate::config::ServerConfig;
@@ -50,14 +53,19 @@ pub enum CoreEvent {
         /// Its size on the wire.
         bytes: usize,
     },
-    /// A chat request.
-    Chat {
+    /// A connection asked to resume a session (its first message).
+    Resume {
         /// Connection.
         conn: ConnId,
-        /// Client's message id.
-        client_msg_id: u32,
-        /// Text as sent.
-        text: String,
+        /// The request.
+        req: ResumeRequest,
+    },
+    /// A stream message after the join (chat, presence, typing, room).
+    Msg {
+        /// Connection.
+        conn: ConnId,
+        /// The message.
+        msg: ClientMsg,
     },
     /// The connection is gone.
     Gone {
@@ -126,6 +134,20 @@ pub struct CoreCounters {
     pub compensated_shots: u64,
     /// Input counters summed over players that left.
     pub departed_inputs: InputCounters,
+    /// Sessions resumed on a new connection.
+    pub resumes: u64,
+    /// Of which had to restart from a keyframe (the client's baseline was no longer usable).
+    pub resume_keyframes: u64,
+    /// Resume requests refused (unknown player, wrong token, grace window passed).
+    pub resume_refusals: u64,
+    /// Connections closed because a newer one of the same player took over.
+    pub replaced: u64,
+    /// Dropped players whose grace window passed without a resume (removed for good).
+    pub sessions_expired: u64,
+    /// Typing indicators dropped by the rate limit.
+    pub typing_dropped: u64,
+    /// Presence changes accepted.
+    pub presence_changes: u64,
 }
 
 /// What the shell knows about a connection's path right now.
@@ -147,6 +169,20 @@ struct Player {
     replicator: Replicator,
     /// Tick of the last rate-limit notice sent to this player.
     rate_notice: Option<u64>,
+    /// The secret a resume must present (rotated at each resume).
+    resume_token: Vec<u8>,
+    /// The connect-token account this player joined with, if any (a second join replaces).
+    account: Option<u64>,
+}
+
+/// A dropped player's session, kept for the grace window.
+#[derive(Debug)]
+struct Parked {
+    player: Player,
+    /// The avatar, out of the world with its slot reserved.
+    avatar: Option<Entity>,
+    /// Core tick count at which the session is dropped for good.
+    expires: u64,
 }
 
 /// The authoritative server state.
@@ -162,6 +198,12 @@ pub struct ServerCore {
     scratch_rep: Scratch,
     encoder: SnapshotEncoder,
     players: BTreeMap<ConnId, Player>,
+    /// Connection of each online player, by player id.
+    conn_of: BTreeMap<u32, ConnId>,
+    /// Dropped players within their grace window, by player id.
+    parked: BTreeMap<u32, Parked>,
+    /// Secure randomness for resume tokens.
+    rng: ring::rand::SystemRandom,
     shutting_down: bool,
     /// Whether joins need a signed connect token.
     auth_required: bool,
@@ -186,7 +228,7 @@ impl ServerCore {
         };
         let world = World::new(map, sim, Tick(cfg.start_tick));
         Self {
-            lobby: Lobby::new(cfg.max_players),
+            lobby: Lobby::with_history(cfg.max_players, cfg.chat_history),
             current: Arc::new(world.snapshot()),
             recent: std::collections::VecDeque::new(),
             grid: Grid::default(),
@@ -194,6 +236,9 @@ impl ServerCore {
             world,
             encoder: SnapshotEncoder::new(),
             players: BTreeMap::new(),
+            conn_of: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            rng: ring::rand::SystemRandom::new(),
             shutting_down: false,
             auth_required: false,
             auth_secret: None,
@@ -256,6 +301,9 @@ impl ServerCore {
         for p in self.players.values() {
             add_counters(&mut c, &p.session.inputs.counters);
         }
+        for p in self.parked.values() {
+            add_counters(&mut c, &p.player.session.inputs.counters);
+        }
         c
     }
 
@@ -314,31 +362,97 @@ impl ServerCore {
                 Some(p) => p.session.handle_input(&datagram, bytes),
                 None => self.counters.stray_events += 1,
             },
-            CoreEvent::Chat {
-                conn,
-                client_msg_id,
-                text,
-            } => self.chat(conn, client_msg_id, &text, out),
-            CoreEvent::Gone { conn, reason } => self.remove(conn, reason, out),
+            CoreEvent::Resume { conn, req } => self.resume(conn, &req, out),
+            CoreEvent::Msg { conn, msg } => self.message(conn, msg, out),
+            CoreEvent::Gone { conn, reason } => self.gone(conn, reason, out),
         }
     }
 
-    /// Checks a connect token against the join policy; returns the name to use.
+    /// Checks a connect token against the join policy; returns the name to use and the token's
+    /// account id.
     fn admit_token(
         &mut self,
         name: &str,
         token: Option<&str>,
         now_unix: u64,
-    ) -> Result<String, RefuseReason> {
+    ) -> Result<(String, Option<u64>), RefuseReason> {
         let Some(secret) = self.auth_secret.as_deref().filter(|_| self.auth_required) else {
-            return Ok(name.to_owned());
+            return Ok((name.to_owned(), None));
         };
         let body =
             crate::auth::verify(secret, token.ok_or(RefuseReason::TokenRequired)?, now_unix)?;
         if !self.replay.first_use(&body, now_unix) {
             return Err(RefuseReason::TokenReplayed);
         }
-        Ok(body.name)
+        Ok((body.name, Some(body.player_id)))
+    }
+
+    fn refuse(&mut self, conn: ConnId, reason: RefuseReason, version: u16, out: &mut Vec<CoreOutput>) {
+        self.counters.refusals += 1;
+        let detail = match reason {
+            RefuseReason::VersionMismatch => format!(
+                "protocol version {version} is not supported (server speaks {})",
+                quicktick_shared::wire::PROTOCOL_VERSION
+            ),
+            RefuseReason::ServerFull => {
+                format!("server full ({} players)", self.cfg.max_players)
+            }
+            RefuseReason::BadName => "name must be 1..=32 bytes with no control characters".into(),
+            RefuseReason::ShuttingDown => "server shutting down".into(),
+            RefuseReason::TokenRequired => "this server requires a connect token".into(),
+            RefuseReason::TokenInvalid => {
+                "the connect token is malformed or not signed by this server".into()
+            }
+            RefuseReason::TokenExpired => "the connect token has expired".into(),
+            RefuseReason::TokenReplayed => "the connect token was already used".into(),
+            RefuseReason::ResumeUnknown => {
+                "no session to resume (unknown player, wrong token or grace window passed): join with hello"
+                    .into()
+            }
+        };
+        out.push(CoreOutput::Frame(
+            conn,
+            ServerMsg::Refused {
+                reason,
+                detail: detail.clone(),
+            },
+        ));
+        out.push(CoreOutput::CloseAfterFlush(conn, close::REFUSED, detail));
+    }
+
+    fn new_resume_token(&self) -> Vec<u8> {
+        let mut t = vec![0u8; RESUME_TOKEN_BYTES];
+        if ring::rand::SecureRandom::fill(&self.rng, &mut t).is_err() {
+            // No entropy source: a token nobody can guess is impossible, so resumes are disabled
+            // for this session (an empty token never matches).
+            t.clear();
+        }
+        t
+    }
+
+    fn welcome(&self, info: &PlayerInfo, resume_token: Vec<u8>) -> Welcome {
+        Welcome {
+            player_id: info.id,
+            tick_rate: self.cfg.tick_rate as u16,
+            map_id: self.world.map().id.clone(),
+            map_width: self.world.map().width,
+            map_height: self.world.map().height,
+            avatar: info.avatar,
+            server_tick: self.world.tick(),
+            input_redundancy: self.cfg.input_redundancy,
+            players: self.lobby.roster(),
+            chat_seq: self.lobby.chat_seq(),
+            walls: self
+                .world
+                .map()
+                .walls
+                .iter()
+                .map(|w| [w.min.x, w.min.y, w.max.x, w.max.y])
+                .collect(),
+            lag_comp_ms: self.cfg.lag_comp_ms.min(u32::from(u16::MAX)) as u16,
+            resume_token,
+            grace_ms: self.cfg.resume_grace_ms,
+        }
     }
 
     fn hello(
@@ -367,127 +481,349 @@ impl ServerCore {
         } else {
             self.admit_token(name, token, now_unix)
         };
-        let name = admitted.clone().unwrap_or_default();
-        let name = name.as_str();
-        let check = admitted.and_then(|n| self.lobby.check_join(version, &n));
+        let (name, account) = match admitted {
+            Ok(a) => a,
+            Err(reason) => return self.refuse(conn, reason, version, out),
+        };
+        // The same account joining again takes over its player: never two avatars.
+        if let Some(account) = account {
+            let existing = self
+                .players
+                .iter()
+                .find(|(_, p)| p.account == Some(account))
+                .map(|(_, p)| p.info.id)
+                .or_else(|| {
+                    self.parked
+                        .iter()
+                        .find(|(_, p)| p.player.account == Some(account))
+                        .map(|(id, _)| *id)
+                });
+            if let Some(id) = existing {
+                if let Some(player) = self.take_session(id, out) {
+                    let token = self.new_resume_token();
+                    self.attach(conn, player, None, token, out);
+                    return;
+                }
+            }
+        }
+        let check = self.lobby.check_join(version, &name);
         let avatar = check.and_then(|()| self.world.spawn_player().ok_or(RefuseReason::ServerFull));
         let avatar = match avatar {
             Ok(a) => a,
-            Err(reason) => {
-                self.counters.refusals += 1;
-                let detail = match reason {
-                    RefuseReason::VersionMismatch => format!(
-                        "protocol version {version} is not supported (server speaks {})",
-                        quicktick_shared::wire::PROTOCOL_VERSION
-                    ),
-                    RefuseReason::ServerFull => {
-                        format!("server full ({} players)", self.cfg.max_players)
-                    }
-                    RefuseReason::BadName => {
-                        "name must be 1..=32 bytes with no control characters".into()
-                    }
-                    RefuseReason::ShuttingDown => "server shutting down".into(),
-                    RefuseReason::TokenRequired => "this server requires a connect token".into(),
-                    RefuseReason::TokenInvalid => {
-                        "the connect token is malformed or not signed by this server".into()
-                    }
-                    RefuseReason::TokenExpired => "the connect token has expired".into(),
-                    RefuseReason::TokenReplayed => "the connect token was already used".into(),
-                };
-                out.push(CoreOutput::Frame(
-                    conn,
-                    ServerMsg::Refused {
-                        reason,
-                        detail: detail.clone(),
-                    },
-                ));
-                out.push(CoreOutput::CloseAfterFlush(conn, close::REFUSED, detail));
-                return;
-            }
+            Err(reason) => return self.refuse(conn, reason, version, out),
         };
-        let info = self.lobby.join(name, avatar);
+        let info = self.lobby.join(&name, avatar);
         self.counters.joins += 1;
         // Presence first to everyone already in, then the welcome (with the full roster) to the new one.
         for c in self.players.keys() {
             out.push(CoreOutput::Frame(*c, ServerMsg::PlayerJoined(info.clone())));
         }
-        let welcome = Welcome {
-            player_id: info.id,
-            tick_rate: self.cfg.tick_rate as u16,
-            map_id: self.world.map().id.clone(),
-            map_width: self.world.map().width,
-            map_height: self.world.map().height,
-            avatar,
-            server_tick: self.world.tick(),
-            input_redundancy: self.cfg.input_redundancy,
-            players: self.lobby.roster(),
-            chat_seq: self.lobby.chat_seq(),
-            walls: self
-                .world
-                .map()
-                .walls
-                .iter()
-                .map(|w| [w.min.x, w.min.y, w.max.x, w.max.y])
-                .collect(),
-            lag_comp_ms: self.cfg.lag_comp_ms.min(u32::from(u16::MAX)) as u16,
-        };
-        out.push(CoreOutput::Frame(conn, ServerMsg::Welcome(welcome)));
+        let resume_token = self.new_resume_token();
+        out.push(CoreOutput::Frame(
+            conn,
+            ServerMsg::Welcome(self.welcome(&info, resume_token.clone())),
+        ));
         let history = self.cfg.snapshot_history as usize;
         let session = ServerSession::new(info.id, avatar, self.world.tick().next(), history);
         let player = Player {
             rate_notice: None,
             session,
-            info,
             link: LinkState::default(),
             replicator: Replicator::default(),
+            resume_token,
+            account,
+            info,
         };
+        self.conn_of.insert(player.info.id, conn);
         self.players.insert(conn, player);
     }
 
-    fn chat(&mut self, conn: ConnId, client_msg_id: u32, text: &str, out: &mut Vec<CoreOutput>) {
-        let now = std::time::Duration::from_secs_f64(
-            self.counters.ticks as f64 / f64::from(self.cfg.tick_rate),
+    /// Detaches player `id` from wherever it is (an online connection, which is closed as
+    /// replaced, or the parked set) with its avatar back in the world. `None` if there is no such
+    /// session or its avatar cannot come back.
+    fn take_session(&mut self, id: u32, out: &mut Vec<CoreOutput>) -> Option<Player> {
+        if let Some(old) = self.conn_of.remove(&id) {
+            let p = self.players.remove(&old)?;
+            self.counters.replaced += 1;
+            out.push(CoreOutput::CloseAfterFlush(
+                old,
+                close::REPLACED,
+                "replaced by a newer connection of this player".into(),
+            ));
+            return Some(p);
+        }
+        let parked = self.parked.remove(&id)?;
+        if let Some(e) = parked.avatar {
+            if !self.world.restore(e) {
+                self.lobby.leave(id);
+                return None;
+            }
+        }
+        Some(parked.player)
+    }
+
+    /// Attaches a taken-over session to `conn`: a `Resumed` (when the client holds snapshots:
+    /// `resume` = its held tick and chat cursor) or a fresh `Welcome`, presence for the others, and
+    /// the chat replay.
+    fn attach(
+        &mut self,
+        conn: ConnId,
+        mut player: Player,
+        resume: Option<(Option<Tick>, u64)>,
+        token: Vec<u8>,
+        out: &mut Vec<CoreOutput>,
+    ) {
+        let id = player.info.id;
+        let came_back = self.lobby.set_online(id, true).is_some();
+        if let Some(info) = self.lobby.member(id) {
+            player.info = info.clone();
+        }
+        player.resume_token = token.clone();
+        player.link = LinkState::default();
+        player.rate_notice = None;
+        let next = self.world.tick().next();
+        if came_back {
+            for c in self.players.keys() {
+                out.push(CoreOutput::Frame(*c, ServerMsg::PlayerJoined(player.info.clone())));
+            }
+        }
+        match resume {
+            Some((held, cursor)) => {
+                let baseline = player.session.resume(held, next);
+                self.counters.resumes += 1;
+                if baseline.is_none() {
+                    self.counters.resume_keyframes += 1;
+                }
+                let (lines, truncated) = self.lobby.replay(id, cursor);
+                out.push(CoreOutput::Frame(
+                    conn,
+                    ServerMsg::Resumed(Resumed {
+                        player_id: id,
+                        avatar: player.info.avatar,
+                        server_tick: self.world.tick(),
+                        players: self.lobby.roster(),
+                        resume_token: token,
+                        baseline,
+                        chat_truncated: truncated,
+                        chat_replayed: lines.len() as u32,
+                    }),
+                ));
+                out.extend(lines.into_iter().map(|l| CoreOutput::Frame(conn, ServerMsg::Chat(l))));
+            }
+            None => {
+                player.session.resume(None, next);
+                out.push(CoreOutput::Frame(
+                    conn,
+                    ServerMsg::Welcome(self.welcome(&player.info, token)),
+                ));
+            }
+        }
+        self.conn_of.insert(id, conn);
+        self.players.insert(conn, player);
+    }
+
+    fn resume(&mut self, conn: ConnId, req: &ResumeRequest, out: &mut Vec<CoreOutput>) {
+        if self.players.contains_key(&conn) {
+            out.push(CoreOutput::Frame(
+                conn,
+                ServerMsg::Error {
+                    code: ErrorCode::UnexpectedMessage,
+                    detail: "already joined".into(),
+                },
+            ));
+            return;
+        }
+        let refusal = if self.shutting_down {
+            Some(RefuseReason::ShuttingDown)
+        } else if req.version != quicktick_shared::wire::PROTOCOL_VERSION {
+            Some(RefuseReason::VersionMismatch)
+        } else {
+            let token = self
+                .conn_of
+                .get(&req.player_id)
+                .and_then(|c| self.players.get(c))
+                .or_else(|| self.parked.get(&req.player_id).map(|p| &p.player))
+                .map(|p| p.resume_token.as_slice());
+            match token {
+                Some(t) if !t.is_empty() && tokens_equal(t, &req.token) => None,
+                _ => Some(RefuseReason::ResumeUnknown),
+            }
+        };
+        if let Some(reason) = refusal {
+            if reason == RefuseReason::ResumeUnknown {
+                self.counters.resume_refusals += 1;
+            }
+            return self.refuse(conn, reason, req.version, out);
+        }
+        let Some(player) = self.take_session(req.player_id, out) else {
+            self.counters.resume_refusals += 1;
+            return self.refuse(conn, RefuseReason::ResumeUnknown, req.version, out);
+        };
+        let token = self.new_resume_token();
+        self.attach(
+            conn,
+            player,
+            Some((req.snapshot_ack, req.chat_cursor)),
+            token,
+            out,
         );
+    }
+
+    /// Seconds of simulated time as the clock of rate limits.
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.counters.ticks as f64 / f64::from(self.cfg.tick_rate))
+    }
+
+    fn error(out: &mut Vec<CoreOutput>, conn: ConnId, code: ErrorCode, detail: String) {
+        out.push(CoreOutput::Frame(conn, ServerMsg::Error { code, detail }));
+    }
+
+    fn message(&mut self, conn: ConnId, msg: ClientMsg, out: &mut Vec<CoreOutput>) {
+        let Some(id) = self.players.get(&conn).map(|p| p.info.id) else {
+            self.counters.stray_events += 1;
+            return;
+        };
+        let now = self.now();
+        match msg {
+            ClientMsg::Chat {
+                client_msg_id,
+                channel,
+                text,
+            } => self.chat(conn, client_msg_id, &channel, &text, out),
+            ClientMsg::Hello { .. } | ClientMsg::Resume(_) => Self::error(
+                out,
+                conn,
+                ErrorCode::UnexpectedMessage,
+                "already joined".into(),
+            ),
+            ClientMsg::SetPresence { state } => {
+                let o = self.lobby.set_state(id, state, now);
+                self.presence(conn, o, out);
+            }
+            ClientMsg::JoinRoom { room } => {
+                let o = self.lobby.join_room(id, &room, now);
+                self.presence(conn, o, out);
+            }
+            ClientMsg::Typing { channel } => match self.lobby.typing(id, &channel, now) {
+                Some((scope, to)) => {
+                    for p in to {
+                        if let Some(c) = self.conn_of.get(&p) {
+                            out.push(CoreOutput::Frame(
+                                *c,
+                                ServerMsg::Typing {
+                                    id,
+                                    scope: scope.clone(),
+                                },
+                            ));
+                        }
+                    }
+                }
+                None => self.counters.typing_dropped += 1,
+            },
+        }
+    }
+
+    fn presence(&mut self, conn: ConnId, o: PresenceOutcome, out: &mut Vec<CoreOutput>) {
+        match o {
+            PresenceOutcome::Changed(info, to) => {
+                self.counters.presence_changes += 1;
+                if let Some(p) = self.players.get_mut(&conn) {
+                    p.info = info.clone();
+                }
+                for p in to {
+                    if let Some(c) = self.conn_of.get(&p) {
+                        out.push(CoreOutput::Frame(
+                            *c,
+                            ServerMsg::Presence {
+                                id: info.id,
+                                state: info.state,
+                                room: info.room.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
+            PresenceOutcome::Unchanged => {}
+            PresenceOutcome::BadRoom => Self::error(
+                out,
+                conn,
+                ErrorCode::BadRoom,
+                format!(
+                    "room names are 1..={} bytes without control characters, at most {} rooms",
+                    quicktick_shared::wire::MAX_ROOM_BYTES,
+                    quicktick_shared::lobby::MAX_ROOMS
+                ),
+            ),
+            PresenceOutcome::TooFast => Self::error(
+                out,
+                conn,
+                ErrorCode::RateLimited,
+                format!(
+                    "presence changes limited to one per {} ms",
+                    quicktick_shared::lobby::PRESENCE_INTERVAL.as_millis()
+                ),
+            ),
+            PresenceOutcome::UnknownPlayer => self.counters.stray_events += 1,
+        }
+    }
+
+    fn chat(
+        &mut self,
+        conn: ConnId,
+        client_msg_id: u32,
+        channel: &Channel,
+        text: &str,
+        out: &mut Vec<CoreOutput>,
+    ) {
+        let now = self.now();
         let ticks = self.counters.ticks;
         let rate = u64::from(self.cfg.tick_rate);
         let Some(p) = self.players.get_mut(&conn) else {
             self.counters.stray_events += 1;
             return;
         };
-        match self.lobby.chat(p.info.id, client_msg_id, text, now) {
+        match self.lobby.chat(p.info.id, client_msg_id, channel, text, now) {
             ChatOutcome::RateLimited => {
                 self.counters.chat_rate_limited += 1;
                 // Tell the sender, at most once a second (the notices must not flood it either).
                 if p.rate_notice.is_none_or(|t| ticks >= t + rate) {
                     p.rate_notice = Some(ticks);
-                    out.push(CoreOutput::Frame(
+                    Self::error(
+                        out,
                         conn,
-                        ServerMsg::Error {
-                            code: ErrorCode::RateLimited,
-                            detail: format!(
-                                "chat limited to {} lines/s (burst {}); line {client_msg_id} dropped",
-                                quicktick_shared::lobby::CHAT_RATE_PER_S,
-                                quicktick_shared::lobby::CHAT_BURST
-                            ),
-                        },
-                    ));
+                        ErrorCode::RateLimited,
+                        format!(
+                            "chat limited to {} lines/s (burst {}); line {client_msg_id} dropped",
+                            quicktick_shared::lobby::CHAT_RATE_PER_S,
+                            quicktick_shared::lobby::CHAT_BURST
+                        ),
+                    );
                 }
             }
-            ChatOutcome::Accepted(line) => {
+            ChatOutcome::Accepted(line, to) => {
                 self.counters.chat_lines += 1;
-                self.broadcast(out, |_| ServerMsg::Chat(line.clone()));
+                for p in to {
+                    if let Some(c) = self.conn_of.get(&p) {
+                        out.push(CoreOutput::Frame(*c, ServerMsg::Chat(line.clone())));
+                    }
+                }
             }
             ChatOutcome::Duplicate => {}
-            ChatOutcome::Rejected => out.push(CoreOutput::Frame(
+            ChatOutcome::Rejected => Self::error(
+                out,
                 conn,
-                ServerMsg::Error {
-                    code: ErrorCode::ChatRejected,
-                    detail: format!(
-                        "chat line {client_msg_id} is empty or longer than {} bytes",
-                        quicktick_shared::wire::MAX_CHAT_BYTES
-                    ),
-                },
-            )),
+                ErrorCode::ChatRejected,
+                format!(
+                    "chat line {client_msg_id} is empty or longer than {} bytes",
+                    quicktick_shared::wire::MAX_CHAT_BYTES
+                ),
+            ),
+            ChatOutcome::UnknownRecipient => Self::error(
+                out,
+                conn,
+                ErrorCode::UnknownRecipient,
+                format!("chat line {client_msg_id}: no such player to whisper to"),
+            ),
             ChatOutcome::UnknownPlayer => self.counters.stray_events += 1,
         }
     }
@@ -498,23 +834,74 @@ impl ServerCore {
         }
     }
 
-    fn remove(&mut self, conn: ConnId, reason: LeaveReason, out: &mut Vec<CoreOutput>) {
+    /// A connection ended. A player who quit or was kicked leaves for good; one whose connection
+    /// timed out or failed is parked for the grace window: out of the world and the roster (others
+    /// see them leave), with the session kept for a resume.
+    fn gone(&mut self, conn: ConnId, reason: LeaveReason, out: &mut Vec<CoreOutput>) {
         let Some(p) = self.players.remove(&conn) else {
             return;
         };
-        self.world.despawn(p.session.avatar);
-        self.lobby.leave(p.info.id);
-        add_counters(
-            &mut self.counters.departed_inputs,
-            &p.session.inputs.counters,
-        );
         let id = p.info.id;
+        if self.conn_of.get(&id) == Some(&conn) {
+            self.conn_of.remove(&id);
+        }
+        if reason == LeaveReason::TimedOut && self.cfg.resume_grace_ms > 0 && !self.shutting_down {
+            let avatar = self.world.park(p.session.avatar);
+            self.lobby.set_online(id, false);
+            let grace_ticks = u64::from(self.cfg.resume_grace_ms) * u64::from(self.cfg.tick_rate) / 1000;
+            self.parked.insert(
+                id,
+                Parked {
+                    player: p,
+                    avatar,
+                    expires: self.counters.ticks + grace_ticks.max(1),
+                },
+            );
+        } else {
+            self.world.despawn(p.session.avatar);
+            self.lobby.leave(id);
+            add_counters(
+                &mut self.counters.departed_inputs,
+                &p.session.inputs.counters,
+            );
+        }
         self.broadcast(out, |_| ServerMsg::PlayerLeft { id, reason });
+    }
+
+    /// Drops parked sessions whose grace window has passed.
+    fn expire_parked(&mut self) {
+        let now = self.counters.ticks;
+        let expired: Vec<u32> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.parked.remove(&id) {
+                self.counters.sessions_expired += 1;
+                if let Some(e) = p.avatar {
+                    self.world.release(e.id);
+                }
+                self.lobby.leave(id);
+                add_counters(
+                    &mut self.counters.departed_inputs,
+                    &p.player.session.inputs.counters,
+                );
+            }
+        }
+    }
+
+    /// Number of dropped players waiting for a resume.
+    #[must_use]
+    pub fn parked_count(&self) -> usize {
+        self.parked.len()
     }
 
     /// Runs one tick: each player's input for the tick, the simulation step, the snapshot, and a
     /// delta-encoded snapshot for every player within its connection's datagram limit.
     pub fn tick(&mut self, out: &mut Vec<CoreOutput>) {
+        self.expire_parked();
         let inputs: Vec<(EntityId, InputCmd)> = self
             .players
             .values_mut()
@@ -666,6 +1053,11 @@ impl ServerCore {
     }
 }
 
+/// Compares two tokens in time independent of where they differ.
+fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// World snapshots kept for lag compensation (≈1 s at 60 Hz; the window is at most 1000 ms).
 pub const RECENT_TICKS: usize = 130;
 
@@ -762,10 +1154,13 @@ mod tests {
         out.clear();
         for (conn, id) in [(2, 1), (1, 1), (2, 2), (2, 2)] {
             c.handle(
-                CoreEvent::Chat {
+                CoreEvent::Msg {
                     conn,
-                    client_msg_id: id,
-                    text: format!("m{conn}.{id}"),
+                    msg: ClientMsg::Chat {
+                        client_msg_id: id,
+                        channel: Channel::Global,
+                        text: format!("m{conn}.{id}"),
+                    },
                 },
                 &mut out,
             );
@@ -793,6 +1188,7 @@ mod tests {
             },
             &mut out,
         );
+        assert_eq!(c.parked_count(), 1, "a timed-out player is parked for a resume");
         assert!(c.world().entity(avatar).is_none(), "avatar left the world");
         assert_eq!(c.roster().len(), 2);
         assert!(frames(&out, 1).contains(&ServerMsg::PlayerLeft {
@@ -801,10 +1197,13 @@ mod tests {
         }));
         // Events from a departed connection are ignored.
         c.handle(
-            CoreEvent::Chat {
+            CoreEvent::Msg {
                 conn: 2,
-                client_msg_id: 9,
-                text: "ghost".into(),
+                msg: ClientMsg::Chat {
+                    client_msg_id: 9,
+                    channel: Channel::Global,
+                    text: "ghost".into(),
+                },
             },
             &mut out,
         );
@@ -856,6 +1255,250 @@ mod tests {
         assert!(c.world().tick().0 < 100, "crossed the tick wrap");
         assert_eq!(c.counters.keyframes, 2, "one keyframe each, then deltas");
         assert_eq!(c.counters.deltas, 38);
+    }
+
+    fn hello(c: &mut ServerCore, conn: ConnId, name: &str, out: &mut Vec<CoreOutput>) -> Welcome {
+        c.handle(
+            CoreEvent::Hello {
+                conn,
+                version: PROTOCOL_VERSION,
+                name: name.into(),
+                token: None,
+                now_unix: 0,
+            },
+            out,
+        );
+        frames(out, conn)
+            .into_iter()
+            .find_map(|m| match m {
+                ServerMsg::Welcome(w) => Some(w),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn ack_and_tick(c: &mut ServerCore, conns: &[ConnId], out: &mut Vec<CoreOutput>) {
+        let t = c.world().tick();
+        for &conn in conns {
+            c.handle(
+                CoreEvent::Input {
+                    conn,
+                    datagram: InputDatagram {
+                        snapshot_ack: Some(t),
+                        inputs: vec![],
+                    },
+                    bytes: 10,
+                },
+                out,
+            );
+        }
+        c.tick(out);
+    }
+
+    fn chat(c: &mut ServerCore, conn: ConnId, id: u32, channel: Channel, out: &mut Vec<CoreOutput>) {
+        c.handle(
+            CoreEvent::Msg {
+                conn,
+                msg: ClientMsg::Chat {
+                    client_msg_id: id,
+                    channel,
+                    text: format!("line {id}"),
+                },
+            },
+            out,
+        );
+    }
+
+    #[test]
+    fn a_dropped_player_resumes_with_the_same_avatar_baseline_and_missed_chat() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        let w = hello(&mut c, 1, "a", &mut out);
+        hello(&mut c, 2, "b", &mut out);
+        c.set_max_datagram(1, Some(1200));
+        c.set_max_datagram(2, Some(1200));
+        for _ in 0..5 {
+            ack_and_tick(&mut c, &[1, 2], &mut out);
+        }
+        let held = c.world().tick();
+        let seen_seq = {
+            chat(&mut c, 2, 1, Channel::Global, &mut out);
+            c.lobby.chat_seq()
+        };
+        out.clear();
+        c.handle(
+            CoreEvent::Gone {
+                conn: 1,
+                reason: LeaveReason::TimedOut,
+            },
+            &mut out,
+        );
+        assert!(c.world().entity(w.avatar).is_none(), "out of the world");
+        assert_eq!(c.roster().len(), 1, "out of the roster");
+        assert!(frames(&out, 2).contains(&ServerMsg::PlayerLeft {
+            id: w.player_id,
+            reason: LeaveReason::TimedOut
+        }));
+        // While away: 400 ticks (past the 255-tick short age), chat everywhere it can reach a.
+        for i in 0..400 {
+            ack_and_tick(&mut c, &[2], &mut out);
+            if i == 10 {
+                chat(&mut c, 2, 2, Channel::Global, &mut out);
+                chat(&mut c, 2, 3, Channel::Whisper { to: w.player_id }, &mut out);
+                chat(&mut c, 2, 4, Channel::Room, &mut out);
+            }
+        }
+        // Another client joins and gets the parked avatar's slot? No: the slot stays reserved.
+        hello(&mut c, 3, "c", &mut out);
+        out.clear();
+        // A wrong token is refused; the right one resumes.
+        c.handle(
+            CoreEvent::Resume {
+                conn: 4,
+                req: ResumeRequest {
+                    version: PROTOCOL_VERSION,
+                    player_id: w.player_id,
+                    token: vec![0; RESUME_TOKEN_BYTES],
+                    snapshot_ack: Some(held),
+                    chat_cursor: seen_seq,
+                },
+            },
+            &mut out,
+        );
+        assert!(matches!(
+            &frames(&out, 4)[0],
+            ServerMsg::Refused {
+                reason: RefuseReason::ResumeUnknown,
+                ..
+            }
+        ));
+        out.clear();
+        c.handle(
+            CoreEvent::Resume {
+                conn: 5,
+                req: ResumeRequest {
+                    version: PROTOCOL_VERSION,
+                    player_id: w.player_id,
+                    token: w.resume_token.clone(),
+                    snapshot_ack: Some(held),
+                    chat_cursor: seen_seq,
+                },
+            },
+            &mut out,
+        );
+        let f = frames(&out, 5);
+        let ServerMsg::Resumed(r) = &f[0] else {
+            panic!("{f:?}")
+        };
+        assert_eq!((r.player_id, r.avatar), (w.player_id, w.avatar));
+        assert_eq!(r.baseline, Some(held), "continues from the held snapshot");
+        assert_ne!(r.resume_token, w.resume_token, "token rotated");
+        assert_eq!(r.players.len(), 3);
+        assert_eq!(r.chat_replayed, 3);
+        let replayed: Vec<u64> = f[1..]
+            .iter()
+            .filter_map(|m| match m {
+                ServerMsg::Chat(l) => Some(l.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replayed, vec![seen_seq + 1, seen_seq + 2, seen_seq + 3]);
+        assert!(c.world().entity(w.avatar).is_some(), "avatar back");
+        assert!(frames(&out, 2).contains(&ServerMsg::PlayerJoined(
+            c.lobby.member(w.player_id).unwrap().clone()
+        )));
+        // The next snapshot is a delta against the held tick, 400+ ticks old.
+        let keyframes = c.counters.keyframes;
+        c.set_max_datagram(5, Some(1200));
+        out.clear();
+        c.tick(&mut out);
+        assert_eq!(c.counters.keyframes, keyframes, "no keyframe for the resumed player");
+        assert_eq!((c.counters.resumes, c.counters.resume_keyframes), (1, 0));
+        // The old token no longer works.
+        out.clear();
+        c.handle(
+            CoreEvent::Resume {
+                conn: 6,
+                req: ResumeRequest {
+                    version: PROTOCOL_VERSION,
+                    player_id: w.player_id,
+                    token: w.resume_token.clone(),
+                    snapshot_ack: Some(held),
+                    chat_cursor: 0,
+                },
+            },
+            &mut out,
+        );
+        assert!(matches!(&frames(&out, 6)[0], ServerMsg::Refused { .. }));
+        assert!(c.world().entity(w.avatar).is_some(), "a refused resume changes nothing");
+    }
+
+    #[test]
+    fn a_resume_while_the_old_connection_lives_replaces_it_and_grace_expiry_cleans_up() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        let w = hello(&mut c, 1, "a", &mut out);
+        hello(&mut c, 2, "b", &mut out);
+        out.clear();
+        c.handle(
+            CoreEvent::Resume {
+                conn: 3,
+                req: ResumeRequest {
+                    version: PROTOCOL_VERSION,
+                    player_id: w.player_id,
+                    token: w.resume_token.clone(),
+                    snapshot_ack: None,
+                    chat_cursor: 0,
+                },
+            },
+            &mut out,
+        );
+        assert!(out.contains(&CoreOutput::CloseAfterFlush(
+            1,
+            close::REPLACED,
+            "replaced by a newer connection of this player".into()
+        )));
+        assert!(matches!(&frames(&out, 3)[0], ServerMsg::Resumed(r) if r.baseline.is_none()));
+        assert!(
+            !frames(&out, 2)
+                .iter()
+                .any(|m| matches!(m, ServerMsg::PlayerLeft { .. } | ServerMsg::PlayerJoined(_))),
+            "a replaced connection is not a leave: presence unchanged"
+        );
+        assert_eq!(c.player_count(), 2, "never two avatars");
+        // The old connection's end arrives later: ignored.
+        c.handle(
+            CoreEvent::Gone {
+                conn: 1,
+                reason: LeaveReason::TimedOut,
+            },
+            &mut out,
+        );
+        assert_eq!((c.player_count(), c.parked_count()), (2, 0));
+        // Now the new connection times out and nobody resumes within the grace window.
+        c.handle(
+            CoreEvent::Gone {
+                conn: 3,
+                reason: LeaveReason::TimedOut,
+            },
+            &mut out,
+        );
+        assert_eq!(c.parked_count(), 1);
+        let grace_ticks = c.cfg.resume_grace_ms as u64 * u64::from(c.cfg.tick_rate) / 1000;
+        for _ in 0..=grace_ticks {
+            c.tick(&mut out);
+        }
+        assert_eq!((c.parked_count(), c.lobby.len()), (0, 1));
+        assert_eq!(c.counters.sessions_expired, 1);
+        // A player who quits is gone at once.
+        c.handle(
+            CoreEvent::Gone {
+                conn: 2,
+                reason: LeaveReason::Quit,
+            },
+            &mut out,
+        );
+        assert_eq!((c.parked_count(), c.lobby.len()), (0, 0));
     }
 
     #[test]

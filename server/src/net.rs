@@ -100,6 +100,12 @@ pub(crate) async fn accept_loop(
 fn leave_reason(e: &ConnectionError) -> LeaveReason {
     match e {
         ConnectionError::TimedOut | ConnectionError::Reset => LeaveReason::TimedOut,
+        // The client gave up on a silent path and will resume: keep the session.
+        ConnectionError::ApplicationClosed(a)
+            if a.error_code.into_inner() == u64::from(close::RECONNECTING) =>
+        {
+            LeaveReason::TimedOut
+        }
         ConnectionError::LocallyClosed => LeaveReason::Kicked,
         _ => LeaveReason::Quit,
     }
@@ -163,13 +169,13 @@ async fn serve(
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| Err(leave_reason(&e)))?;
         loop {
             match dec.next_msg::<ClientMsg>() {
-                Ok(Some(ClientMsg::Hello {
-                    version,
-                    name,
-                    token,
-                })) => return Ok((send, recv, version, name, token)),
+                Ok(Some(first @ (ClientMsg::Hello { .. } | ClientMsg::Resume(_)))) => {
+                    return Ok((send, recv, first))
+                }
                 Ok(Some(_)) => {
-                    return Err(Ok(WireError::Invalid("the first message must be hello")));
+                    return Err(Ok(WireError::Invalid(
+                        "the first message must be hello or resume",
+                    )));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(Ok(e)),
@@ -182,7 +188,7 @@ async fn serve(
         }
     })
     .await;
-    let (send, mut recv, version, name, token) = match hello {
+    let (send, mut recv, first) = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(Ok(e))) => {
             violation(conn, &ctx.stats.bad_frames, "bad hello", &e);
@@ -211,9 +217,7 @@ async fn serve(
         .send(Control::Join {
             conn: id,
             link,
-            version,
-            name,
-            token,
+            first,
         })
         .await
         .is_err()
@@ -249,15 +253,15 @@ async fn serve(
                     let mut bad = None;
                     loop {
                         match dec.next_msg::<ClientMsg>() {
-                            Ok(Some(ClientMsg::Chat { client_msg_id, text })) => {
-                                if ctx.control.send(Control::Chat { conn: id, client_msg_id, text }).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(Some(ClientMsg::Hello { .. })) => {
+                            Ok(Some(ClientMsg::Hello { .. } | ClientMsg::Resume(_))) => {
                                 let err = ServerMsg::Error { code: ErrorCode::UnexpectedMessage, detail: "already joined".into() };
                                 if let Ok(f) = encode_frame(&err) {
                                     let _ = own_tx.try_send(Outbound::Frame(f));
+                                }
+                            }
+                            Ok(Some(msg)) => {
+                                if ctx.control.send(Control::Msg { conn: id, msg }).await.is_err() {
+                                    break;
                                 }
                             }
                             Ok(None) => break,

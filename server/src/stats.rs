@@ -91,6 +91,18 @@ counters! {
     players,
     /// Entities in the world (a gauge).
     entities,
+    /// Dropped players waiting in their grace window for a resume (a gauge).
+    players_parked,
+    /// Sessions resumed on a new connection.
+    resumes,
+    /// Of which restarted from a keyframe.
+    resume_keyframes,
+    /// Resume requests refused (no such session).
+    resume_refusals,
+    /// Connections closed because a newer connection of the same player took over.
+    replaced,
+    /// Dropped players removed for good when their grace window passed.
+    sessions_expired,
 }
 
 impl ServerStats {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
-use quicktick_shared::wire::{close, encode_frame, InputDatagram, LeaveReason, PlayerInfo};
+use quicktick_shared::wire::{close, encode_frame, ClientMsg, InputDatagram, LeaveReason, PlayerInfo};
 use quinn::SendDatagramError;
 use tokio::sync::mpsc;
 
@@ -37,27 +37,21 @@ pub(crate) struct Link {
 /// Control events from connection tasks (never dropped; bounded by the number of connections).
 #[derive(Debug)]
 pub(crate) enum Control {
-    /// A connection sent `hello`.
+    /// A connection sent its first message (`hello` or `resume`).
     Join {
         /// Connection id.
         conn: ConnId,
         /// Its link.
         link: Link,
-        /// Protocol version.
-        version: u16,
-        /// Requested name.
-        name: String,
-        /// Connect token, if sent.
-        token: Option<String>,
+        /// The message.
+        first: ClientMsg,
     },
-    /// A chat request.
-    Chat {
+    /// A later stream message.
+    Msg {
         /// Connection id.
         conn: ConnId,
-        /// Client message id.
-        client_msg_id: u32,
-        /// Text.
-        text: String,
+        /// The message.
+        msg: ClientMsg,
     },
     /// The connection is gone.
     Gone {
@@ -186,34 +180,30 @@ impl TickThread {
 
     fn handle_control(&mut self, c: Control) {
         let ev = match c {
-            Control::Join {
-                conn,
-                link,
-                version,
-                name,
-                token,
-            } => {
+            Control::Join { conn, link, first } => {
                 self.links.insert(conn, link);
-                let now_unix = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                CoreEvent::Hello {
-                    conn,
-                    version,
-                    name,
-                    token,
-                    now_unix,
+                match first {
+                    ClientMsg::Resume(req) => CoreEvent::Resume { conn, req },
+                    ClientMsg::Hello {
+                        version,
+                        name,
+                        token,
+                    } => {
+                        let now_unix = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        CoreEvent::Hello {
+                            conn,
+                            version,
+                            name,
+                            token,
+                            now_unix,
+                        }
+                    }
+                    msg => CoreEvent::Msg { conn, msg },
                 }
             }
-            Control::Chat {
-                conn,
-                client_msg_id,
-                text,
-            } => CoreEvent::Chat {
-                conn,
-                client_msg_id,
-                text,
-            },
+            Control::Msg { conn, msg } => CoreEvent::Msg { conn, msg },
             Control::Gone { conn, reason } => {
                 self.links.remove(&conn);
                 CoreEvent::Gone { conn, reason }
@@ -336,6 +326,12 @@ impl TickThread {
         ServerStats::set(&self.stats.missing_inputs, ic.missing);
         ServerStats::set(&self.stats.late_inputs, ic.late);
         ServerStats::set(&self.stats.players, self.core.player_count() as u64);
+        ServerStats::set(&self.stats.players_parked, self.core.parked_count() as u64);
+        ServerStats::set(&self.stats.resumes, c.resumes);
+        ServerStats::set(&self.stats.resume_keyframes, c.resume_keyframes);
+        ServerStats::set(&self.stats.resume_refusals, c.resume_refusals);
+        ServerStats::set(&self.stats.replaced, c.replaced);
+        ServerStats::set(&self.stats.sessions_expired, c.sessions_expired);
         ServerStats::set(
             &self.stats.entities,
             self.core.world().entity_count() as u64,

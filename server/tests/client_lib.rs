@@ -99,7 +99,18 @@ async fn join_snapshots_inputs_chat_presence_and_close() {
     let reason = alice.close_reason().unwrap();
     assert!(reason.contains("server shutting down"), "{reason}");
     assert!(reason.contains("code 1"), "{reason}");
-    assert!(alice.chat("too late").is_err());
+    // A shutdown may be a restart: the client keeps trying (with backoff) and queues chat meanwhile.
+    eventually("reconnecting", || {
+        matches!(
+            alice.state(),
+            quicktick_shared::reconnect::ConnectionState::Reconnecting { .. }
+        )
+    })
+    .await;
+    assert!(alice.chat("queued while away").is_ok());
+    assert_eq!(alice.chat_pending(), 1);
+    alice.close().await;
+    assert!(alice.chat("too late").is_err(), "closed for good");
 }
 
 #[tokio::test]

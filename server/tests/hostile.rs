@@ -239,6 +239,7 @@ async fn a_chat_flood_is_rate_limited_and_disturbs_nobody() {
         buf.extend(
             encode_frame(&ClientMsg::Chat {
                 client_msg_id: id,
+                channel: quicktick_shared::wire::Channel::Global,
                 text: "b".repeat(256),
             })
             .unwrap(),

@@ -12,7 +12,7 @@ use crate::map::{Map, Wall};
 use crate::netcode::{InterpView, Interpolator, LeadControl, Predictor};
 use crate::snapshot::Snapshot;
 use crate::tick::Tick;
-use crate::wire::{InputDatagram, Welcome, WireError};
+use crate::wire::{InputDatagram, Resumed, Welcome, WireError};
 
 /// Complete snapshots kept as possible baselines (the server's history is at most 255 ticks).
 pub const BASELINE_RING: usize = 256;
@@ -44,6 +44,10 @@ pub struct ClientCounters {
     pub input_datagrams: u64,
     /// Distinct input ticks stamped.
     pub inputs: u64,
+    /// Sessions continued on a new connection.
+    pub resumes: u64,
+    /// Keyframes received as the first snapshot after a resume.
+    pub resume_keyframes: u64,
 }
 
 /// Why a datagram from the server was refused.
@@ -133,6 +137,23 @@ impl TickClock {
 /// How far before its due time (in ticks) an input is stamped and sent.
 pub const SEND_SLACK: f64 = 0.1;
 
+fn map_of(welcome: &Welcome) -> Map {
+    Map {
+        id: welcome.map_id.clone(),
+        width: welcome.map_width,
+        height: welcome.map_height,
+        walls: welcome
+            .walls
+            .iter()
+            .map(|w| Wall {
+                min: glam::Vec2::new(w[0], w[1]),
+                max: glam::Vec2::new(w[2], w[3]),
+            })
+            .collect(),
+        spawns: Vec::new(),
+    }
+}
+
 /// The client session.
 #[derive(Debug)]
 pub struct ClientSession {
@@ -162,6 +183,8 @@ pub struct ClientSession {
     pub latency_samples: Vec<Duration>,
     /// Newest input tick the server reports having applied.
     input_ack: Option<Tick>,
+    /// Set by a resume until the next complete snapshot (counts resume keyframes).
+    first_after_resume: bool,
     /// Counters.
     pub counters: ClientCounters,
 }
@@ -183,21 +206,11 @@ impl ClientSession {
             now,
         );
         let history = InputHistory::new(usize::from(welcome.input_redundancy));
-        let map = Map {
-            id: welcome.map_id.clone(),
-            width: welcome.map_width,
-            height: welcome.map_height,
-            walls: welcome
-                .walls
-                .iter()
-                .map(|w| Wall {
-                    min: glam::Vec2::new(w[0], w[1]),
-                    max: glam::Vec2::new(w[2], w[3]),
-                })
-                .collect(),
-            spawns: Vec::new(),
-        };
-        let predictor = Predictor::new(map, u32::from(welcome.tick_rate), welcome.avatar);
+        let predictor = Predictor::new(
+            map_of(&welcome),
+            u32::from(welcome.tick_rate),
+            welcome.avatar,
+        );
         let interp = Interpolator::new(u32::from(welcome.tick_rate));
         Self {
             welcome,
@@ -213,8 +226,27 @@ impl ClientSession {
             send_times: std::collections::VecDeque::new(),
             latency_samples: Vec::new(),
             input_ack: None,
+            first_after_resume: false,
             counters: ClientCounters::default(),
         }
+    }
+
+    /// Continues after `resumed` arrived at `now` on a new connection: the held snapshots stay (the
+    /// server deltas against one of them), the tick clock restarts from the resume as from a welcome,
+    /// and per-connection state (incomplete parts, input window, latency probes, prediction) starts
+    /// over.
+    pub fn resume(&mut self, resumed: &Resumed, now: Duration) {
+        let rate = u32::from(self.welcome.tick_rate);
+        self.clock = TickClock::new(rate, resumed.server_tick.next(), now);
+        self.assembler = SnapshotAssembler::new();
+        self.history = InputHistory::new(usize::from(self.welcome.input_redundancy));
+        self.send_times.clear();
+        self.input_ack = None;
+        self.welcome.avatar = resumed.avatar;
+        self.welcome.players.clone_from(&resumed.players);
+        self.predictor = Predictor::new(map_of(&self.welcome), rate, resumed.avatar);
+        self.counters.resumes += 1;
+        self.first_after_resume = true;
     }
 
     /// The welcome this session started from.
@@ -369,6 +401,9 @@ impl ClientSession {
                 }
                 let c = &mut self.counters;
                 c.snapshots += 1;
+                if std::mem::take(&mut self.first_after_resume) && h.baseline.is_none() {
+                    c.resume_keyframes += 1;
+                }
                 if h.baseline.is_none() {
                     c.keyframes += 1;
                 } else {

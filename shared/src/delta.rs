@@ -18,11 +18,14 @@ use crate::tick::Tick;
 pub const DATAGRAM_SNAPSHOT: u8 = 0x02;
 /// Exclusive end of the whole index space (a part covering up to here is the last one).
 pub const RANGE_END_ALL: u32 = 0x1_0000;
-/// Oldest baseline a delta may name, in ticks before the snapshot (8-bit offset on the wire).
-pub const MAX_BASELINE_AGE: u32 = 255;
-/// Upper bound of header bits: tick 32, baseline offset 8, input-ack flag+32, start 16, last-flag 1,
-/// end 16, count 16, index mode 1, bitmap span 16.
-pub const HEADER_MAX_BITS: usize = 32 + 8 + 1 + 32 + 16 + 1 + 16 + 16 + 1 + 16;
+/// Oldest baseline a delta may name, in ticks before the snapshot (an 8-bit offset on the wire, with
+/// an escape to 16 bits for the old baselines a resumed session continues from).
+pub const MAX_BASELINE_AGE: u32 = 65535;
+/// Largest age coded in the 8-bit offset alone; the offset value 255 means "16-bit age follows".
+pub const SHORT_BASELINE_AGE: u32 = 254;
+/// Upper bound of header bits: tick 32, baseline offset 8 (+16 extended), input-ack flag+32, start
+/// 16, last-flag 1, end 16, count 16, index mode 1, bitmap span 16.
+pub const HEADER_MAX_BITS: usize = 32 + 8 + 16 + 1 + 32 + 16 + 1 + 16 + 16 + 1 + 16;
 /// Largest index code of one entry (a 16-bit gap), bits.
 pub const GAP_MAX_BITS: usize = 19;
 /// Largest entry body (a spawn with 20-bit coordinates), bits.
@@ -83,8 +86,8 @@ pub enum EncodeError {
     /// `max_datagram` cannot hold even the header plus one entry.
     #[error("datagram limit {0} B is too small for a snapshot part")]
     DatagramTooSmall(usize),
-    /// The baseline is not 1..=255 ticks older than the snapshot.
-    #[error("baseline is not 1..=255 ticks older than the snapshot")]
+    /// The baseline is not 1..=65535 ticks older than the snapshot.
+    #[error("baseline is not 1..=65535 ticks older than the snapshot")]
     BaselineOutOfRange,
     /// The snapshot would need more than [`MAX_PARTS`] datagrams.
     #[error("snapshot needs more than {MAX_PARTS} parts")]
@@ -467,7 +470,14 @@ impl SnapshotEncoder {
         let use_bitmap = bitmap_bits < self.gap_bits;
         let mut h = BitWriter::with_capacity(24 + self.body.byte_len());
         h.write(f.tick.0, 32);
-        h.write(f.baseline.map_or(0, |_| f.age), 8);
+        match f.baseline.map(|_| f.age) {
+            None => h.write(0, 8),
+            Some(a) if a <= SHORT_BASELINE_AGE => h.write(a, 8),
+            Some(a) => {
+                h.write(255, 8);
+                h.write(a, 16);
+            }
+        }
         match f.input_ack {
             Some(t) => {
                 h.write_bool(true);
@@ -859,7 +869,13 @@ pub fn decode_part(bytes: &[u8], codec: &Codec) -> Result<SnapshotPart, DecodeEr
     }
     let mut r = BitReader::new(rest);
     let tick = Tick(r.read(32)?);
-    let offset = r.read(8)?;
+    let mut offset = r.read(8)?;
+    if offset == 255 {
+        offset = r.read(16)?;
+        if offset <= SHORT_BASELINE_AGE {
+            return Err(DecodeError::Malformed("extended baseline age below 255"));
+        }
+    }
     let baseline = (offset != 0).then(|| tick.sub(offset));
     let input_ack = if r.read_bool()? {
         Some(Tick(r.read(32)?))

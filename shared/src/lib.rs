@@ -14,7 +14,7 @@
 //! - [`input`]: input commands, validation, the server input buffer, the client redundancy window.
 //! - [`wire`]: input datagrams, stream messages and frames (the only module that names bincode).
 //! - [`link`]: a seeded sans-IO link conditioner (loss, latency, jitter, duplication).
-//! - [`lobby`]: roster, chat sequencing and de-duplication.
+//! - [`lobby`]: roster, presence, chat channels, sequencing, de-duplication and bounded history.
 //! - [`session`]: the server's per-client state (acks, baselines, inputs).
 //! - [`client`]: the client's session state machine and server-tick estimator.
 //! - [`netcode`]: client prediction/reconciliation, interpolation, adaptive input lead.

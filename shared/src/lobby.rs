@@ -1,44 +1,115 @@
-//! The lobby: who is connected, the chat order and presence. Pure state; the server routes its output.
+//! The lobby: who is in the game, the chat order, channels, history and presence. Pure state; the
+//! server routes its output.
 //!
-//! Chat lines get one global sequence number each, in the order the server accepts them, so every
-//! client sees the same order. A client's message ids must increase; a repeat is a duplicate and is
-//! dropped, which makes resends idempotent.
+//! Chat lines get one global sequence number each, in the order the server accepts them, whatever
+//! their channel, so every client sees the lines it may see in the same order, and "the newest
+//! sequence number I received" is a complete replay cursor. A player's message ids must increase; a
+//! repeat (or an older id) is a duplicate and is dropped, which makes resends idempotent — also across
+//! a resume, because the id state belongs to the player, not the connection.
+//!
+//! Members are *online* or *offline*: an offline member is a dropped player whose session the server
+//! keeps for the grace window. Offline members are not in the roster (others saw them leave), keep
+//! their place (they count against `max_players`) and still receive whispers into their history.
+//!
+//! Histories are bounded per channel: the global channel, each room, and each player's whispers (a
+//! whisper is kept in the sender's and the recipient's). A replay past an evicted line says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use crate::entity::EntityId;
-use crate::wire::{clean_chat, valid_name, ChatLine, PlayerInfo, RefuseReason, PROTOCOL_VERSION};
-
-#[derive(Debug, Clone)]
-struct Member {
-    /// Public info.
-    info: PlayerInfo,
-    /// Highest client message id accepted from this player.
-    last_msg_id: Option<u32>,
-    /// Chat rate-limit tokens (lines) and when they were last refilled.
-    tokens: f64,
-    refilled: Option<Duration>,
-}
+use crate::wire::{
+    clean_chat, valid_name, valid_room, Channel, ChatLine, ChatScope, PlayerInfo, PresenceState,
+    RefuseReason, LOBBY_ROOM, PROTOCOL_VERSION,
+};
 
 /// Chat lines a player may send per second, sustained.
 pub const CHAT_RATE_PER_S: f64 = 2.0;
 /// Chat lines a player may send in a burst.
 pub const CHAT_BURST: f64 = 8.0;
+/// Shortest interval between two typing indicators of one player (more are dropped).
+pub const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
+/// Shortest interval between two presence changes (state or room) of one player (more are refused).
+pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(250);
+/// Most rooms at once (a room exists while a member, online or offline, is in it).
+pub const MAX_ROOMS: usize = 64;
+/// Default lines kept per channel history.
+pub const DEFAULT_HISTORY: usize = 256;
+
+#[derive(Debug, Clone)]
+struct Member {
+    /// Public info (state and room included).
+    info: PlayerInfo,
+    /// Connected now (offline: dropped, session kept for a resume).
+    online: bool,
+    /// Highest client message id accepted from this player.
+    last_msg_id: Option<u32>,
+    /// Chat rate-limit tokens (lines) and when they were last refilled.
+    tokens: f64,
+    refilled: Option<Duration>,
+    /// Last typing indicator forwarded.
+    typed: Option<Duration>,
+    /// Last presence change accepted.
+    presence_changed: Option<Duration>,
+}
+
+/// One channel's recent lines.
+#[derive(Debug, Clone, Default)]
+struct History {
+    lines: VecDeque<ChatLine>,
+    /// Highest sequence number evicted (0: none).
+    evicted: u64,
+}
+
+impl History {
+    fn push(&mut self, line: ChatLine, limit: usize) {
+        if self.lines.len() >= limit.max(1) {
+            if let Some(old) = self.lines.pop_front() {
+                self.evicted = self.evicted.max(old.seq);
+            }
+        }
+        self.lines.push_back(line);
+    }
+
+    /// Lines after `cursor`, and whether some after it were evicted.
+    fn since(&self, cursor: u64) -> (impl Iterator<Item = &ChatLine>, bool) {
+        (
+            self.lines.iter().filter(move |l| l.seq > cursor),
+            self.evicted > cursor,
+        )
+    }
+}
 
 /// Result of a chat request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatOutcome {
-    /// Accepted and sequenced: deliver to everyone.
-    Accepted(ChatLine),
-    /// A resend of an id already accepted: drop silently.
+    /// Accepted and sequenced: deliver to these online players (sender included).
+    Accepted(ChatLine, Vec<u32>),
+    /// A resend of an id already accepted (or older): drop silently.
     Duplicate,
     /// Empty or too long after stripping control characters.
     Rejected,
     /// The sender is not in the lobby.
     UnknownPlayer,
+    /// A whisper to someone who is not in the lobby.
+    UnknownRecipient,
     /// The sender exceeded [`CHAT_RATE_PER_S`] (burst [`CHAT_BURST`]): dropped.
     RateLimited,
+}
+
+/// Result of a presence or room change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceOutcome {
+    /// Changed: tell these online players (the player included) the new info.
+    Changed(PlayerInfo, Vec<u32>),
+    /// Nothing changed.
+    Unchanged,
+    /// Invalid room name, or a new room beyond [`MAX_ROOMS`].
+    BadRoom,
+    /// Faster than [`PRESENCE_INTERVAL`]: refused.
+    TooFast,
+    /// Not a member.
+    UnknownPlayer,
 }
 
 /// Lobby state.
@@ -50,19 +121,37 @@ pub struct Lobby {
     next_id: u32,
     /// Sequence number of the last accepted chat line (0 = none yet).
     chat_seq: u64,
-    /// Most members at once.
+    /// Most members at once (online and offline).
     max_players: usize,
+    /// Lines kept per channel.
+    history_limit: usize,
+    /// Global channel history.
+    global: History,
+    /// Room histories, by room name (dropped with the room's last member).
+    rooms: BTreeMap<String, History>,
+    /// Whisper histories, by player id.
+    whispers: BTreeMap<u32, History>,
 }
 
 impl Lobby {
-    /// An empty lobby for at most `max_players`.
+    /// An empty lobby for at most `max_players`, keeping [`DEFAULT_HISTORY`] lines per channel.
     #[must_use]
     pub fn new(max_players: usize) -> Self {
+        Self::with_history(max_players, DEFAULT_HISTORY)
+    }
+
+    /// An empty lobby keeping `history_limit` lines per channel.
+    #[must_use]
+    pub fn with_history(max_players: usize, history_limit: usize) -> Self {
         Self {
             members: BTreeMap::new(),
             next_id: 1,
             chat_seq: 0,
             max_players,
+            history_limit: history_limit.max(1),
+            global: History::default(),
+            rooms: BTreeMap::new(),
+            whispers: BTreeMap::new(),
         }
     }
 
@@ -80,7 +169,7 @@ impl Lobby {
         Ok(())
     }
 
-    /// Adds a member (after [`Lobby::check_join`]); returns their info.
+    /// Adds an online member (after [`Lobby::check_join`]) in [`LOBBY_ROOM`]; returns their info.
     pub fn join(&mut self, name: &str, avatar: EntityId) -> PlayerInfo {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -88,32 +177,106 @@ impl Lobby {
             id,
             name: name.to_owned(),
             avatar,
+            state: PresenceState::Lobby,
+            room: LOBBY_ROOM.to_owned(),
         };
+        self.rooms.entry(info.room.clone()).or_default();
         self.members.insert(
             id,
             Member {
                 info: info.clone(),
+                online: true,
                 last_msg_id: None,
                 tokens: CHAT_BURST,
                 refilled: None,
+                typed: None,
+                presence_changed: None,
             },
         );
         info
     }
 
-    /// Removes a member; `None` if they were not in.
+    /// Removes a member for good (their whisper history goes, and their room's when they were its
+    /// last member); `None` if they were not in.
     pub fn leave(&mut self, id: u32) -> Option<PlayerInfo> {
-        self.members.remove(&id).map(|m| m.info)
+        let m = self.members.remove(&id)?;
+        self.whispers.remove(&id);
+        self.drop_room_if_empty(&m.info.room);
+        Some(m.info)
     }
 
-    /// Sequences a chat line.
+    /// Marks a member online or offline; returns their info when it changed.
+    pub fn set_online(&mut self, id: u32, online: bool) -> Option<PlayerInfo> {
+        let m = self.members.get_mut(&id)?;
+        if m.online == online {
+            return None;
+        }
+        m.online = online;
+        Some(m.info.clone())
+    }
+
+    /// Whether `id` is a member that is online.
+    #[must_use]
+    pub fn is_online(&self, id: u32) -> bool {
+        self.members.get(&id).is_some_and(|m| m.online)
+    }
+
+    /// A member's info (online or offline).
+    #[must_use]
+    pub fn member(&self, id: u32) -> Option<&PlayerInfo> {
+        self.members.get(&id).map(|m| &m.info)
+    }
+
+    fn drop_room_if_empty(&mut self, room: &str) {
+        if room != LOBBY_ROOM && !self.members.values().any(|m| m.info.room == room) {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// Online members who see a line or indicator of `scope` sent by `from`.
+    fn audience(&self, scope: &ChatScope, from: u32) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter(|(id, m)| {
+                m.online
+                    && match scope {
+                        ChatScope::Global => true,
+                        ChatScope::Room(r) => m.info.room == *r,
+                        ChatScope::Whisper { to } => **id == *to || **id == from,
+                    }
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn scope_of(&self, from: u32, channel: &Channel) -> Result<ChatScope, ChatOutcome> {
+        match channel {
+            Channel::Global => Ok(ChatScope::Global),
+            Channel::Room => self
+                .members
+                .get(&from)
+                .map(|m| ChatScope::Room(m.info.room.clone()))
+                .ok_or(ChatOutcome::UnknownPlayer),
+            Channel::Whisper { to } if self.members.contains_key(to) => {
+                Ok(ChatScope::Whisper { to: *to })
+            }
+            Channel::Whisper { .. } => Err(ChatOutcome::UnknownRecipient),
+        }
+    }
+
+    /// Sequences a chat line at time `now` (any monotonic origin).
     pub fn chat(
         &mut self,
         from: u32,
         client_msg_id: u32,
+        channel: &Channel,
         text: &str,
         now: Duration,
     ) -> ChatOutcome {
+        let scope = match self.scope_of(from, channel) {
+            Ok(s) => s,
+            Err(o) => return o,
+        };
         let Some(m) = self.members.get_mut(&from) else {
             return ChatOutcome::UnknownPlayer;
         };
@@ -132,24 +295,157 @@ impl Lobby {
         m.tokens -= 1.0;
         m.last_msg_id = Some(client_msg_id);
         self.chat_seq += 1;
-        ChatOutcome::Accepted(ChatLine {
+        let line = ChatLine {
             seq: self.chat_seq,
             from,
             client_msg_id,
+            scope: scope.clone(),
             text,
-        })
+        };
+        let limit = self.history_limit;
+        match &scope {
+            ChatScope::Global => self.global.push(line.clone(), limit),
+            ChatScope::Room(r) => self
+                .rooms
+                .entry(r.clone())
+                .or_default()
+                .push(line.clone(), limit),
+            ChatScope::Whisper { to } => {
+                for id in [from, *to] {
+                    self.whispers
+                        .entry(id)
+                        .or_default()
+                        .push(line.clone(), limit);
+                }
+            }
+        }
+        let audience = self.audience(&scope, from);
+        ChatOutcome::Accepted(line, audience)
     }
 
-    /// Everyone present, by id.
+    /// The lines `id` may see with a sequence number above `cursor`, in order, and whether some of
+    /// them were evicted from history (cannot be replayed).
+    #[must_use]
+    pub fn replay(&self, id: u32, cursor: u64) -> (Vec<ChatLine>, bool) {
+        let Some(m) = self.members.get(&id) else {
+            return (Vec::new(), false);
+        };
+        let mut lines: Vec<ChatLine> = Vec::new();
+        let mut truncated = false;
+        let mut take = |h: Option<&History>| {
+            if let Some(h) = h {
+                let (it, t) = h.since(cursor);
+                lines.extend(it.cloned());
+                truncated |= t;
+            }
+        };
+        take(Some(&self.global));
+        take(self.rooms.get(&m.info.room));
+        take(self.whispers.get(&id));
+        lines.sort_by_key(|l| l.seq);
+        lines.dedup_by_key(|l| l.seq);
+        (lines, truncated)
+    }
+
+    /// A typing indicator from `id` at `now`: the scope and the online players to tell (the typist
+    /// excluded), or `None` when dropped (rate limit, unknown channel or player).
+    pub fn typing(
+        &mut self,
+        id: u32,
+        channel: &Channel,
+        now: Duration,
+    ) -> Option<(ChatScope, Vec<u32>)> {
+        let scope = self.scope_of(id, channel).ok()?;
+        let m = self.members.get_mut(&id)?;
+        if m.typed.is_some_and(|t| now.saturating_sub(t) < TYPING_INTERVAL) {
+            return None;
+        }
+        m.typed = Some(now);
+        let mut to = self.audience(&scope, id);
+        to.retain(|p| *p != id);
+        Some((scope, to))
+    }
+
+    fn presence_gate(&mut self, id: u32, now: Duration) -> Result<(), PresenceOutcome> {
+        let m = self
+            .members
+            .get_mut(&id)
+            .ok_or(PresenceOutcome::UnknownPlayer)?;
+        if m
+            .presence_changed
+            .is_some_and(|t| now.saturating_sub(t) < PRESENCE_INTERVAL)
+        {
+            return Err(PresenceOutcome::TooFast);
+        }
+        m.presence_changed = Some(now);
+        Ok(())
+    }
+
+    fn everyone_online(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.online)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Sets a member's presence state.
+    pub fn set_state(&mut self, id: u32, state: PresenceState, now: Duration) -> PresenceOutcome {
+        if self.members.get(&id).is_some_and(|m| m.info.state == state) {
+            return PresenceOutcome::Unchanged;
+        }
+        if let Err(o) = self.presence_gate(id, now) {
+            return o;
+        }
+        let Some(m) = self.members.get_mut(&id) else {
+            return PresenceOutcome::UnknownPlayer;
+        };
+        m.info.state = state;
+        let info = m.info.clone();
+        PresenceOutcome::Changed(info, self.everyone_online())
+    }
+
+    /// Moves a member to `room` (created if new, within [`MAX_ROOMS`]).
+    pub fn join_room(&mut self, id: u32, room: &str, now: Duration) -> PresenceOutcome {
+        if !valid_room(room) || (!self.rooms.contains_key(room) && self.rooms.len() >= MAX_ROOMS) {
+            return PresenceOutcome::BadRoom;
+        }
+        if self.members.get(&id).is_some_and(|m| m.info.room == room) {
+            return PresenceOutcome::Unchanged;
+        }
+        if let Err(o) = self.presence_gate(id, now) {
+            return o;
+        }
+        let Some(m) = self.members.get_mut(&id) else {
+            return PresenceOutcome::UnknownPlayer;
+        };
+        let old = std::mem::replace(&mut m.info.room, room.to_owned());
+        let info = m.info.clone();
+        self.rooms.entry(room.to_owned()).or_default();
+        self.drop_room_if_empty(&old);
+        PresenceOutcome::Changed(info, self.everyone_online())
+    }
+
+    /// Everyone online, by id.
     #[must_use]
     pub fn roster(&self) -> Vec<PlayerInfo> {
-        self.members.values().map(|m| m.info.clone()).collect()
+        self.members
+            .values()
+            .filter(|m| m.online)
+            .map(|m| m.info.clone())
+            .collect()
     }
 
-    /// Number of members.
+    /// Number of members, online and offline.
     #[must_use]
     pub fn len(&self) -> usize {
         self.members.len()
+    }
+
+    /// Number of online members.
+    #[must_use]
+    pub fn online(&self) -> usize {
+        self.members.values().filter(|m| m.online).count()
     }
 
     /// True when nobody is in.
@@ -163,6 +459,12 @@ impl Lobby {
     pub fn chat_seq(&self) -> u64 {
         self.chat_seq
     }
+
+    /// Number of rooms.
+    #[must_use]
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +475,14 @@ mod tests {
         index: 0,
         generation: 1,
     };
+    const T0: Duration = Duration::ZERO;
+
+    fn accepted(o: ChatOutcome) -> (ChatLine, Vec<u32>) {
+        match o {
+            ChatOutcome::Accepted(l, a) => (l, a),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn chat_rate_is_limited_per_player() {
@@ -182,28 +492,31 @@ mod tests {
         let mut ok = 0;
         for id in 1..=100u32 {
             if matches!(
-                l.chat(a, id, "spam", Duration::ZERO),
-                ChatOutcome::Accepted(_)
+                l.chat(a, id, &Channel::Global, "spam", T0),
+                ChatOutcome::Accepted(..)
             ) {
                 ok += 1;
             }
         }
         assert_eq!(ok, CHAT_BURST as usize, "a burst, then nothing");
         assert!(
-            matches!(l.chat(b, 1, "hi", Duration::ZERO), ChatOutcome::Accepted(_)),
+            matches!(
+                l.chat(b, 1, &Channel::Global, "hi", T0),
+                ChatOutcome::Accepted(..)
+            ),
             "others unaffected"
         );
         assert!(
             matches!(
-                l.chat(a, 101, "later", Duration::from_secs(1)),
-                ChatOutcome::Accepted(_)
+                l.chat(a, 101, &Channel::Global, "later", Duration::from_secs(1)),
+                ChatOutcome::Accepted(..)
             ),
             "refilled"
         );
     }
 
     #[test]
-    fn join_checks() {
+    fn join_checks_count_offline_members() {
         let mut l = Lobby::new(1);
         assert_eq!(
             l.check_join(PROTOCOL_VERSION + 1, "a"),
@@ -214,11 +527,16 @@ mod tests {
             Err(RefuseReason::BadName)
         );
         assert_eq!(l.check_join(PROTOCOL_VERSION, "a"), Ok(()));
-        l.join("a", AV);
+        let a = l.join("a", AV).id;
+        l.set_online(a, false);
+        assert!(l.roster().is_empty(), "offline members are not in the roster");
         assert_eq!(
             l.check_join(PROTOCOL_VERSION, "b"),
-            Err(RefuseReason::ServerFull)
+            Err(RefuseReason::ServerFull),
+            "an offline member keeps their place"
         );
+        l.leave(a);
+        assert_eq!(l.check_join(PROTOCOL_VERSION, "b"), Ok(()));
     }
 
     #[test]
@@ -226,25 +544,146 @@ mod tests {
         let mut l = Lobby::new(4);
         let a = l.join("a", AV).id;
         let b = l.join("b", AV).id;
-        assert!(matches!(
-            l.chat(a, 1, "hi", Duration::ZERO),
-            ChatOutcome::Accepted(ChatLine { seq: 1, .. })
-        ));
-        assert!(matches!(
-            l.chat(b, 1, "yo", Duration::ZERO),
-            ChatOutcome::Accepted(ChatLine { seq: 2, .. })
-        ));
-        assert_eq!(l.chat(a, 1, "hi", Duration::ZERO), ChatOutcome::Duplicate);
-        assert_eq!(l.chat(a, 2, "\u{7}", Duration::ZERO), ChatOutcome::Rejected);
-        match l.chat(a, 3, "x\ty", Duration::ZERO) {
-            ChatOutcome::Accepted(c) => assert_eq!((c.seq, c.text.as_str()), (3, "xy")),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(accepted(l.chat(a, 1, &Channel::Global, "hi", T0)).0.seq, 1);
+        assert_eq!(accepted(l.chat(b, 1, &Channel::Global, "yo", T0)).0.seq, 2);
+        assert_eq!(
+            l.chat(a, 1, &Channel::Global, "hi", T0),
+            ChatOutcome::Duplicate
+        );
+        assert_eq!(
+            l.chat(a, 2, &Channel::Global, "\u{7}", T0),
+            ChatOutcome::Rejected
+        );
+        let (c, _) = accepted(l.chat(a, 3, &Channel::Global, "x\ty", T0));
+        assert_eq!((c.seq, c.text.as_str()), (3, "xy"));
         l.leave(a);
         assert_eq!(
-            l.chat(a, 9, "gone", Duration::ZERO),
+            l.chat(a, 9, &Channel::Global, "gone", T0),
             ChatOutcome::UnknownPlayer
         );
         assert_eq!(l.roster().len(), 1);
+    }
+
+    #[test]
+    fn channels_route_to_their_audience() {
+        let mut l = Lobby::new(8);
+        let a = l.join("a", AV).id;
+        let b = l.join("b", AV).id;
+        let c = l.join("c", AV).id;
+        assert!(matches!(
+            l.join_room(c, "arena", T0),
+            PresenceOutcome::Changed(..)
+        ));
+        let (_, to) = accepted(l.chat(a, 1, &Channel::Room, "lobby only", T0));
+        assert_eq!(to, vec![a, b]);
+        let (line, to) = accepted(l.chat(c, 1, &Channel::Room, "arena only", T0));
+        assert_eq!(to, vec![c]);
+        assert_eq!(line.scope, ChatScope::Room("arena".into()));
+        let (_, to) = accepted(l.chat(a, 2, &Channel::Whisper { to: c }, "psst", T0));
+        assert_eq!(to, vec![a, c]);
+        let (_, to) = accepted(l.chat(b, 1, &Channel::Global, "all", T0));
+        assert_eq!(to, vec![a, b, c]);
+        assert_eq!(
+            l.chat(a, 3, &Channel::Whisper { to: 99 }, "nobody", T0),
+            ChatOutcome::UnknownRecipient
+        );
+        // b replays from 0: its room's line, the global line; not the arena line nor the whisper.
+        let (lines, truncated) = l.replay(b, 0);
+        assert!(!truncated);
+        let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, vec![1, 4]);
+        // c: arena line, whisper, global.
+        let seqs: Vec<u64> = l.replay(c, 0).0.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, vec![2, 3, 4]);
+        assert_eq!(l.replay(c, 3).0.len(), 1, "cursor respected");
+    }
+
+    #[test]
+    fn offline_members_get_whispers_in_history_and_replay_reports_eviction() {
+        let mut l = Lobby::with_history(4, 3);
+        let a = l.join("a", AV).id;
+        let b = l.join("b", AV).id;
+        l.set_online(b, false);
+        let (_, to) = accepted(l.chat(a, 1, &Channel::Whisper { to: b }, "while away", T0));
+        assert_eq!(to, vec![a], "b is offline: nothing delivered now");
+        for i in 2..=4 {
+            l.chat(a, i, &Channel::Global, "g", T0);
+        }
+        l.set_online(b, true);
+        let (lines, truncated) = l.replay(b, 0);
+        assert_eq!(
+            lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert!(!truncated);
+        for i in 5..=6 {
+            l.chat(a, i, &Channel::Global, "g", T0);
+        }
+        let (lines, truncated) = l.replay(b, 1);
+        assert!(truncated, "global lines 2 and 3 were evicted");
+        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert!(!l.replay(b, 3).1, "nothing after the cursor was evicted");
+    }
+
+    #[test]
+    fn presence_and_typing_are_rate_limited() {
+        let mut l = Lobby::new(4);
+        let a = l.join("a", AV).id;
+        let b = l.join("b", AV).id;
+        match l.set_state(a, PresenceState::Ready, T0) {
+            PresenceOutcome::Changed(info, to) => {
+                assert_eq!(info.state, PresenceState::Ready);
+                assert_eq!(to, vec![a, b]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            l.set_state(a, PresenceState::Ready, T0),
+            PresenceOutcome::Unchanged
+        );
+        assert_eq!(
+            l.set_state(a, PresenceState::Away, Duration::from_millis(10)),
+            PresenceOutcome::TooFast
+        );
+        assert!(matches!(
+            l.set_state(a, PresenceState::Away, PRESENCE_INTERVAL),
+            PresenceOutcome::Changed(..)
+        ));
+        assert_eq!(
+            l.join_room(a, "bad\nroom", T0),
+            PresenceOutcome::BadRoom,
+            "room names follow the name rules"
+        );
+        let (scope, to) = l.typing(a, &Channel::Global, T0).unwrap_or((ChatScope::Global, vec![]));
+        assert_eq!((scope, to), (ChatScope::Global, vec![b]));
+        assert!(l.typing(a, &Channel::Global, Duration::from_millis(500)).is_none());
+        assert!(l.typing(a, &Channel::Global, TYPING_INTERVAL).is_some());
+        assert_eq!(l.roster()[0].state, PresenceState::Away);
+    }
+
+    #[test]
+    fn rooms_are_bounded_and_vanish_with_their_last_member() {
+        let mut l = Lobby::new(MAX_ROOMS + 8);
+        let ids: Vec<u32> = (0..MAX_ROOMS + 2)
+            .map(|i| l.join(&format!("p{i}"), AV).id)
+            .collect();
+        for (i, id) in ids.iter().enumerate().take(MAX_ROOMS - 1) {
+            assert!(matches!(
+                l.join_room(*id, &format!("r{i}"), T0),
+                PresenceOutcome::Changed(..)
+            ));
+        }
+        assert_eq!(l.room_count(), MAX_ROOMS);
+        assert_eq!(
+            l.join_room(ids[MAX_ROOMS], "one-too-many", T0),
+            PresenceOutcome::BadRoom
+        );
+        assert!(matches!(
+            l.join_room(ids[MAX_ROOMS], "r0", T0),
+            PresenceOutcome::Changed(..)
+        ));
+        l.leave(ids[0]);
+        l.leave(ids[MAX_ROOMS]);
+        assert_eq!(l.room_count(), MAX_ROOMS - 1, "r0 went with its last member");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::delta::{Codec, EncodeError, EncodeStats, SnapshotEncoder};
+use crate::delta::{Codec, EncodeError, EncodeStats, SnapshotEncoder, MAX_BASELINE_AGE};
 use crate::entity::EntityId;
 use crate::input::InputBuffer;
 use crate::snapshot::{Snapshot, SnapshotHistory};
@@ -47,6 +47,10 @@ pub struct ServerSession {
     pub avatar: EntityId,
     /// Newest snapshot tick the client has acknowledged (`None`: no ack yet — never tick 0).
     acked: Option<Tick>,
+    /// The view sent at `acked`, kept even after the ring evicts it (a resume continues from it).
+    acked_view: Option<Arc<Snapshot>>,
+    /// After a resume: the acked view may be older than the usual age limit until the next ack.
+    resume_baseline: bool,
     /// Newest snapshot tick sent to this client.
     last_sent: Option<Tick>,
     /// The views sent to this client, by tick: the only baselines its deltas may use.
@@ -65,6 +69,8 @@ impl ServerSession {
             player_id,
             avatar,
             acked: None,
+            acked_view: None,
+            resume_baseline: false,
             last_sent: None,
             sent: SnapshotHistory::new(history),
             inputs: InputBuffer::new(next_tick),
@@ -80,7 +86,11 @@ impl ServerSession {
             let sent = self.last_sent.is_some_and(|s| !ack.is_after(s));
             let newer = self.acked.is_none_or(|a| ack.is_after(a));
             if sent && newer {
-                self.acked = Some(ack);
+                if let Some(v) = self.sent.get(ack) {
+                    self.acked = Some(ack);
+                    self.acked_view = Some(v.clone());
+                    self.resume_baseline = false;
+                }
                 self.counters.acks_accepted += 1;
             } else {
                 self.counters.acks_ignored += 1;
@@ -103,10 +113,50 @@ impl ServerSession {
     pub fn baseline(&self, tick: Tick, max_age: u32) -> Option<Arc<Snapshot>> {
         let a = self.acked?;
         let age = tick.diff(a);
-        if age < 1 || age as u32 > max_age {
+        let limit = if self.resume_baseline {
+            MAX_BASELINE_AGE
+        } else {
+            max_age.min(MAX_BASELINE_AGE)
+        };
+        if age < 1 || age as u32 > limit {
             return None;
         }
-        self.sent.get(a).cloned()
+        self.sent
+            .get(a)
+            .or(self.acked_view.as_ref().filter(|v| v.tick == a))
+            .cloned()
+    }
+
+    /// Continues this session on a new connection whose client holds snapshots up to `held` (the
+    /// newest complete one; it keeps at least the 255 before it), with inputs starting at
+    /// `next_tick`. Picks the baseline for the next delta: the view sent at `held` if still kept,
+    /// else the acked view when the client must still hold it (fewer than 255 ticks older than
+    /// `held`). Returns it, or `None` when the next snapshot must be a keyframe.
+    pub fn resume(&mut self, held: Option<Tick>, next_tick: Tick) -> Option<Tick> {
+        let counters = self.inputs.counters;
+        self.inputs = InputBuffer::new(next_tick);
+        self.inputs.counters = counters;
+        let chosen = held.and_then(|h| {
+            if let Some(v) = self.sent.get(h) {
+                return Some(v.clone());
+            }
+            let v = self.acked_view.as_ref()?;
+            let behind = h.diff(v.tick);
+            (0..255).contains(&behind).then(|| v.clone())
+        });
+        match chosen {
+            Some(v) => {
+                self.acked = Some(v.tick);
+                self.acked_view = Some(v);
+                self.resume_baseline = true;
+            }
+            None => {
+                self.acked = None;
+                self.acked_view = None;
+                self.resume_baseline = false;
+            }
+        }
+        self.acked
     }
 
     /// The view sent to this client at `tick`, if still kept.
@@ -201,9 +251,75 @@ mod tests {
                 &EncodeStats::default(),
             );
         }
-        assert!(
-            s.baseline(Tick(21), 255).is_none(),
-            "evicted from the 8-tick history: keyframe"
+        assert_eq!(
+            s.baseline(Tick(21), 255).map(|b| b.tick),
+            Some(Tick(7)),
+            "evicted from the 8-tick ring, but the acked view is kept"
         );
+        assert!(s.baseline(Tick(21), 10).is_none(), "older than max_age: keyframe");
+    }
+
+    fn sent(s: &mut ServerSession, range: std::ops::RangeInclusive<u32>) {
+        for t in range {
+            s.record_sent(
+                Arc::new(Snapshot {
+                    tick: Tick(t),
+                    entities: vec![],
+                }),
+                &EncodeStats::default(),
+            );
+        }
+    }
+
+    #[test]
+    fn resume_continues_from_a_baseline_the_client_still_holds() {
+        let av = EntityId {
+            index: 0,
+            generation: 1,
+        };
+        let mut s = ServerSession::new(1, av, Tick(0), 8);
+        sent(&mut s, 1..=10);
+        s.handle_input(
+            &InputDatagram {
+                snapshot_ack: Some(Tick(8)),
+                inputs: vec![],
+            },
+            10,
+        );
+        // The client holds 10 (its ack was lost): still in the ring → that exact view.
+        assert_eq!(s.resume(Some(Tick(10)), Tick(11)), Some(Tick(10)));
+        // Much later (the ring rolled over while the server sent into the void): the acked view,
+        // even far older than the usual age limit, because the client is < 255 ticks past it.
+        let mut s2 = ServerSession::new(1, av, Tick(0), 8);
+        sent(&mut s2, 1..=10);
+        s2.handle_input(
+            &InputDatagram {
+                snapshot_ack: Some(Tick(8)),
+                inputs: vec![],
+            },
+            10,
+        );
+        sent(&mut s2, 11..=600);
+        assert_eq!(s2.resume(Some(Tick(9)), Tick(601)), Some(Tick(8)));
+        assert_eq!(
+            s2.baseline(Tick(601), 64).map(|b| b.tick),
+            Some(Tick(8)),
+            "age 593 allowed after a resume"
+        );
+        assert_eq!(s2.inputs.next_tick(), Tick(601));
+        // A client that saw 255 or more ticks past the acked view may have dropped it: keyframe.
+        let mut s3 = ServerSession::new(1, av, Tick(0), 8);
+        sent(&mut s3, 1..=10);
+        s3.handle_input(
+            &InputDatagram {
+                snapshot_ack: Some(Tick(2)),
+                inputs: vec![],
+            },
+            10,
+        );
+        sent(&mut s3, 11..=400);
+        assert_eq!(s3.resume(Some(Tick(300)), Tick(401)), None);
+        assert!(s3.baseline(Tick(401), 64).is_none());
+        assert_eq!(s.resume(None, Tick(11)), None, "nothing held: keyframe");
     }
 }

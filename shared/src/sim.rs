@@ -302,6 +302,36 @@ impl World {
         self.alloc(EntityKind::Player, p, Vec2::ZERO, 0)
     }
 
+    /// Takes a live entity out of the world but keeps its slot reserved (not reused) so the same
+    /// entity can come back with [`World::restore`]; returns its state.
+    pub fn park(&mut self, id: EntityId) -> Option<Entity> {
+        let slot = self.slots.get_mut(usize::from(id.index))?;
+        if slot.entity.as_ref().is_none_or(|e| e.id != id) {
+            return None;
+        }
+        slot.entity.take()
+    }
+
+    /// Puts a parked entity back into its slot; false if the slot is taken or was reused.
+    pub fn restore(&mut self, e: Entity) -> bool {
+        match self.slots.get_mut(usize::from(e.id.index)) {
+            Some(slot) if slot.entity.is_none() && slot.generation == e.id.generation => {
+                slot.entity = Some(e);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Frees the slot of a parked entity for reuse (its session ended for good).
+    pub fn release(&mut self, id: EntityId) {
+        if let Some(slot) = self.slots.get(usize::from(id.index)) {
+            if slot.entity.is_none() && slot.generation == id.generation {
+                self.free.push(id.index);
+            }
+        }
+    }
+
     /// Removes an entity; false if it was not alive.
     pub fn despawn(&mut self, id: EntityId) -> bool {
         match self.slots.get_mut(usize::from(id.index)) {

@@ -126,6 +126,8 @@ impl Harness {
                 chat_seq: 0,
                 walls: vec![],
                 lag_comp_ms: 200,
+                resume_token: vec![0; 16],
+                grace_ms: 30_000,
             };
             let server = ServerSession::new(i as u32 + 1, avatar, world.tick().next(), 64);
             let client = ClientSession::new(welcome, Duration::ZERO);
@@ -357,6 +359,52 @@ fn hostile_snapshot_bytes_never_panic() {
         let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         let _ = client.handle_datagram(&junk, Duration::ZERO);
     }
+}
+
+#[test]
+fn old_baselines_use_the_extended_age_and_stay_exact() {
+    use crate::delta::apply_part;
+    use crate::entity::{EntityKind, EntityState};
+    let e = |index: u16, qx: u32, qvx: i32| EntityState {
+        id: EntityId {
+            index,
+            generation: 1,
+        },
+        kind: EntityKind::Player,
+        qx,
+        qy: 640,
+        qvx,
+        qvy: 0,
+        yaw: 3,
+        health: 100,
+    };
+    let codec = crate::delta::Codec::new(100.0, 100.0, 60);
+    for age in [1u32, 254, 255, 256, 600, 65535] {
+        let base = Snapshot {
+            tick: Tick(u32::MAX - 10),
+            entities: vec![e(0, 100, 64), e(1, 2000, -30), e(2, 50, 0)],
+        };
+        let new = Snapshot {
+            tick: base.tick.add(age),
+            entities: vec![e(0, 3000, 64), e(1, 1990, 0), e(3, 70, 0)],
+        };
+        let mut out = Vec::new();
+        let stats = SnapshotEncoder::new().encode(&codec, &new, Some(&base), None, 1162, &mut out);
+        assert!(stats.is_ok(), "age {age}: {stats:?}");
+        let bytes = out.first().map_or(&[][..], |v| v.as_slice());
+        let part = decode_part(bytes, &codec).unwrap_or_else(|e| panic!("age {age}: {e}"));
+        assert_eq!(part.header.baseline, Some(base.tick), "age {age}");
+        let applied = apply_part(Some(&base), &part, &codec).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(applied, new.entities, "age {age}");
+    }
+    // 255 followed by a 16-bit age below 255 is not canonical: refused.
+    let mut w = crate::bits::BitWriter::with_capacity(16);
+    w.write(1000, 32);
+    w.write(255, 8);
+    w.write(7, 16);
+    let mut bytes = vec![crate::delta::DATAGRAM_SNAPSHOT];
+    bytes.extend_from_slice(&w.finish());
+    assert!(decode_part(&bytes, &codec).is_err());
 }
 
 #[test]

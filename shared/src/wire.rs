@@ -11,7 +11,7 @@ use crate::input::{InputCmd, InputError};
 use crate::tick::Tick;
 
 /// Protocol version carried in `hello`; bumped on any incompatible wire change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// ALPN protocol id for the QUIC handshake.
 pub const ALPN: &[u8] = b"quicktick/1";
 /// First byte of an input datagram.
@@ -21,7 +21,7 @@ pub const MAX_INPUT_DATAGRAM: usize = 512;
 /// Most inputs one datagram may carry.
 pub const MAX_INPUTS_PER_DATAGRAM: usize = 16;
 /// Largest stream frame payload accepted, bytes.
-pub const MAX_FRAME: usize = 8192;
+pub const MAX_FRAME: usize = 16384;
 /// Longest chat line, in bytes of UTF-8 after control characters are stripped.
 pub const MAX_CHAT_BYTES: usize = 256;
 /// Longest player name, in bytes of UTF-8.
@@ -30,6 +30,12 @@ pub const MAX_NAME_BYTES: usize = 32;
 pub const MAX_PLAYERS: usize = 128;
 /// Most walls a map may have (so the welcome fits one frame).
 pub const MAX_WALLS: usize = 64;
+/// Length of a resume token, bytes.
+pub const RESUME_TOKEN_BYTES: usize = 16;
+/// Longest room name, bytes of UTF-8 (same rules as player names).
+pub const MAX_ROOM_BYTES: usize = 32;
+/// The room every player starts in.
+pub const LOBBY_ROOM: &str = "lobby";
 
 type Limited<const N: usize> = bincode::config::Configuration<
     bincode::config::LittleEndian,
@@ -135,6 +141,20 @@ impl InputDatagram {
     }
 }
 
+/// What a player says they are doing (presence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Encode, Decode)]
+pub enum PresenceState {
+    /// In the lobby (the state on joining).
+    #[default]
+    Lobby,
+    /// In the lobby and ready to play.
+    Ready,
+    /// Playing a match.
+    InMatch,
+    /// Away from the keyboard.
+    Away,
+}
+
 /// A player as the lobby shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct PlayerInfo {
@@ -144,6 +164,38 @@ pub struct PlayerInfo {
     pub name: String,
     /// The player's avatar entity.
     pub avatar: EntityId,
+    /// Presence state.
+    pub state: PresenceState,
+    /// The chat room the player is in ([`LOBBY_ROOM`] on joining).
+    pub room: String,
+}
+
+/// Where a client sends a chat line or typing indicator.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum Channel {
+    /// Everyone on the server.
+    Global,
+    /// Everyone in the sender's room.
+    Room,
+    /// One player.
+    Whisper {
+        /// The recipient's player id.
+        to: u32,
+    },
+}
+
+/// Where a delivered chat line was sent (the audience it had).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum ChatScope {
+    /// Everyone on the server.
+    Global,
+    /// Everyone in this room.
+    Room(String),
+    /// From the line's sender to this player only.
+    Whisper {
+        /// The recipient's player id.
+        to: u32,
+    },
 }
 
 /// Everything a client needs after joining.
@@ -173,6 +225,47 @@ pub struct Welcome {
     pub walls: Vec<[f32; 4]>,
     /// Lag-compensation window, ms: shots whose view time is older are judged at the present.
     pub lag_comp_ms: u16,
+    /// Secret that lets this player resume the session after a dropped connection
+    /// ([`RESUME_TOKEN_BYTES`] bytes; keep it private).
+    pub resume_token: Vec<u8>,
+    /// How long the server keeps a dropped player's session for a resume, ms.
+    pub grace_ms: u32,
+}
+
+/// A reconnecting client's request to continue its session (first message instead of `hello`).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ResumeRequest {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The player id from the welcome.
+    pub player_id: u32,
+    /// The newest resume token the server gave ([`Welcome::resume_token`] or [`Resumed::resume_token`]).
+    pub token: Vec<u8>,
+    /// Tick of the newest complete snapshot the client holds (the baseline it can decode against).
+    pub snapshot_ack: Option<Tick>,
+    /// Sequence number of the newest chat line the client received (replay starts after it).
+    pub chat_cursor: u64,
+}
+
+/// The answer to a successful [`ResumeRequest`]: the same player and avatar, continuing.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Resumed {
+    /// The player id (unchanged).
+    pub player_id: u32,
+    /// The avatar entity (unchanged).
+    pub avatar: EntityId,
+    /// The server's tick when this was sent (restart the tick clock from it as from a welcome).
+    pub server_tick: Tick,
+    /// Everyone present now, this player included.
+    pub players: Vec<PlayerInfo>,
+    /// A fresh resume token (the previous one is no longer valid).
+    pub resume_token: Vec<u8>,
+    /// The baseline the next snapshot is delta-coded against (`None`: a keyframe follows).
+    pub baseline: Option<Tick>,
+    /// True when chat lines after the cursor were evicted from history and cannot be replayed.
+    pub chat_truncated: bool,
+    /// Chat lines replayed after this message: those after the cursor that this player may see.
+    pub chat_replayed: u32,
 }
 
 /// Why a `hello` was refused.
@@ -194,6 +287,9 @@ pub enum RefuseReason {
     TokenExpired,
     /// The token was already used (each token admits one connection).
     TokenReplayed,
+    /// No resumable session matches (unknown player, wrong token, or the grace window passed): join
+    /// afresh with `hello`.
+    ResumeUnknown,
 }
 
 /// Why a player left.
@@ -216,6 +312,10 @@ pub enum ErrorCode {
     UnexpectedMessage,
     /// Chat lines sent faster than the server's per-player rate limit were dropped.
     RateLimited,
+    /// A whisper to a player who is not present.
+    UnknownRecipient,
+    /// A room name that is invalid, or a new room when the server has its maximum of rooms.
+    BadRoom,
 }
 
 /// A chat line as the server orders it.
@@ -227,6 +327,8 @@ pub struct ChatLine {
     pub from: u32,
     /// The sender's own id for the line (echoed so the sender can match it).
     pub client_msg_id: u32,
+    /// Where it was sent.
+    pub scope: ChatScope,
     /// The text, control characters stripped.
     pub text: String,
 }
@@ -246,10 +348,30 @@ pub enum ClientMsg {
     },
     /// Send a chat line.
     Chat {
-        /// Client-chosen id, strictly increasing per connection; a repeat is dropped as duplicate.
+        /// Client-chosen id, strictly increasing per player session (kept across resumes); a repeat
+        /// or an older id is dropped as duplicate.
         client_msg_id: u32,
+        /// Where to.
+        channel: Channel,
         /// Text, at most [`MAX_CHAT_BYTES`] bytes.
         text: String,
+    },
+    /// First message instead of `hello`: continue a session after a dropped connection.
+    Resume(ResumeRequest),
+    /// Set this player's presence state.
+    SetPresence {
+        /// The new state.
+        state: PresenceState,
+    },
+    /// The player is typing in a channel (rate-limited by the server; extra ones are dropped).
+    Typing {
+        /// Where.
+        channel: Channel,
+    },
+    /// Move to a chat room (created when it does not exist).
+    JoinRoom {
+        /// Room name: 1..=[`MAX_ROOM_BYTES`] bytes, no control characters.
+        room: String,
     },
 }
 
@@ -302,6 +424,24 @@ pub enum ServerMsg {
         code: ErrorCode,
         /// Human-readable detail.
         detail: String,
+    },
+    /// The session continues (answer to `Resume`); replayed chat lines follow.
+    Resumed(Resumed),
+    /// A player's presence state or room changed.
+    Presence {
+        /// Their player id.
+        id: u32,
+        /// Their state now.
+        state: PresenceState,
+        /// Their room now.
+        room: String,
+    },
+    /// A player is typing.
+    Typing {
+        /// Their player id.
+        id: u32,
+        /// Where (as the recipient sees it).
+        scope: ChatScope,
     },
 }
 
@@ -385,6 +525,12 @@ pub fn valid_name(name: &str) -> bool {
         && !name.trim().is_empty()
 }
 
+/// Checks a room name: the rules of [`valid_name`] with [`MAX_ROOM_BYTES`].
+#[must_use]
+pub fn valid_room(room: &str) -> bool {
+    room.len() <= MAX_ROOM_BYTES && valid_name(room)
+}
+
 /// Strips control and hidden format characters from chat text; `None` if the result is blank or
 /// longer than [`MAX_CHAT_BYTES`].
 #[must_use]
@@ -409,6 +555,11 @@ pub mod close {
     pub const SLOW_CONSUMER: u32 = 5;
     /// The server hit an internal error (its simulation stopped); reconnect later.
     pub const INTERNAL_ERROR: u32 = 6;
+    /// A newer connection of the same player took over (resume or the same identity joined again).
+    pub const REPLACED: u32 = 7;
+    /// Sent by a client that abandons a silent path and will resume on a new connection: the server
+    /// keeps the session for the grace window (unlike [`QUIT`]).
+    pub const RECONNECTING: u32 = 8;
 }
 
 #[cfg(test)]
@@ -483,6 +634,7 @@ mod tests {
                 seq: 7,
                 from: 2,
                 client_msg_id: 9,
+                scope: ChatScope::Room("lobby".into()),
                 text: "héllo".into(),
             }),
             ServerMsg::PlayerJoined(PlayerInfo {
@@ -492,6 +644,8 @@ mod tests {
                     index: 4,
                     generation: 1,
                 },
+                state: PresenceState::Ready,
+                room: LOBBY_ROOM.into(),
             }),
             ServerMsg::PlayerLeft {
                 id: 3,
@@ -541,6 +695,7 @@ mod tests {
         let mut text = "x".repeat(MAX_FRAME - 8);
         let mut frame = encode_frame(&ClientMsg::Chat {
             client_msg_id: 1,
+            channel: Channel::Global,
             text: text.clone(),
         })
         .unwrap_or_default();
@@ -548,6 +703,7 @@ mod tests {
             text.push('x');
             frame = encode_frame(&ClientMsg::Chat {
                 client_msg_id: 1,
+                channel: Channel::Global,
                 text: text.clone(),
             })
             .unwrap_or_default();
@@ -568,6 +724,8 @@ mod tests {
                     index: 65535,
                     generation: 65535,
                 },
+                state: PresenceState::InMatch,
+                room: "r".repeat(MAX_ROOM_BYTES),
             })
             .collect();
         let w = Welcome {
@@ -586,6 +744,8 @@ mod tests {
             chat_seq: u64::MAX,
             walls: vec![[0.0; 4]; 64],
             lag_comp_ms: 200,
+            resume_token: vec![0xff; RESUME_TOKEN_BYTES],
+            grace_ms: u32::MAX,
         };
         let frame = encode_frame(&ServerMsg::Welcome(w.clone())).unwrap_or_default();
         let mut dec = FrameDecoder::new();

@@ -81,6 +81,8 @@ fn cubes(one_way: u32) -> Scenario {
         chat_seq: 0,
         walls: vec![],
         lag_comp_ms: 200,
+        resume_token: vec![0; 16],
+        grace_ms: 30_000,
     };
     let period = Duration::from_secs_f64(1.0 / f64::from(HZ));
     let mut server = ServerSession::new(1, welcome.avatar, Tick(1), 64);

@@ -25,6 +25,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub trust: Vec<CertificateDer<'static>>,
     pub cert_path: PathBuf,
+    /// Where the development certificate lives (a restarted server reuses it).
+    pub cert_dir: PathBuf,
 }
 
 pub fn test_config() -> ServerConfig {
@@ -47,17 +49,24 @@ pub fn start(cfg: ServerConfig) -> TestServer {
             .unwrap()
             .as_nanos()
     ));
-    let cert = tls::load_or_create_dev_cert(&dir).unwrap();
+    start_at(cfg, "127.0.0.1:0".parse().unwrap(), &dir)
+}
+
+/// Starts the real server on `addr` with the development certificate in `dir` (created if missing).
+pub fn start_at(cfg: ServerConfig, addr: SocketAddr, dir: &std::path::Path) -> TestServer {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = tls::load_or_create_dev_cert(dir).unwrap();
     let trust = cert.chain.clone();
     let map = cfg.load_map().unwrap();
-    let endpoint = server_endpoint("127.0.0.1:0".parse().unwrap(), cert, &cfg).unwrap();
+    let endpoint = server_endpoint(addr, cert, &cfg).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let server = Server::start(endpoint, cfg, map).unwrap();
     TestServer {
         server,
         addr,
         trust,
-        cert_path: tls::dev_paths(&dir).0,
+        cert_path: tls::dev_paths(dir).0,
+        cert_dir: dir.to_path_buf(),
     }
 }
 
