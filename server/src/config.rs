@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub auth: AuthMode,
     /// File holding the hex token secret (≥ 32 bytes); needed for `required` and for `token`.
     pub auth_secret_file: Option<PathBuf>,
+    /// TCP address of the admin HTTP listener (`/metrics`, `/status`, `/events`, the dashboard `/`);
+    /// `None` (the default): no listener. Port 0 picks a free port ([`crate::Server::admin_addr`]).
+    pub metrics_addr: Option<SocketAddr>,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             lag_comp_ms: 200,
             auth: AuthMode::Auto,
             auth_secret_file: None,
+            metrics_addr: None,
             start_tick: 0,
         }
     }

@@ -21,6 +21,7 @@ use quicktick_shared::wire::{
 use crate::config::ServerConfig;
 use crate::interest::{Grid, InterestConfig};
 use crate::replicate::{Frame, Limits, Replicator, Scratch};
+use crate::telemetry::{NoProbe, Phase, TickProbe};
 
 /// Identifies one QUIC connection for the life of the server.
 pub type ConnId = u64;
@@ -515,11 +516,21 @@ impl ServerCore {
     /// Runs one tick: each player's input for the tick, the simulation step, the snapshot, and a
     /// delta-encoded snapshot for every player within its connection's datagram limit.
     pub fn tick(&mut self, out: &mut Vec<CoreOutput>) {
+        self.tick_probed(out, &mut NoProbe);
+    }
+
+    /// [`ServerCore::tick`], telling `probe` where each phase ends (inputs, sim, interest, encode);
+    /// each phase also runs in a `trace`-level span of its name.
+    pub fn tick_probed(&mut self, out: &mut Vec<CoreOutput>, probe: &mut impl TickProbe) {
+        let span = tracing::trace_span!("inputs").entered();
         let inputs: Vec<(EntityId, InputCmd)> = self
             .players
             .values_mut()
             .map(|p| (p.session.avatar, p.session.inputs.take().0))
             .collect();
+        drop(span);
+        probe.phase_done(Phase::Inputs);
+        let span = tracing::trace_span!("sim").entered();
         self.events.clear();
         let next = self.world.tick().next();
         let window_ticks = f64::from(self.cfg.lag_comp_ms) * f64::from(self.cfg.tick_rate) / 1000.0;
@@ -572,6 +583,9 @@ impl ServerCore {
                 out.push(CoreOutput::Frame(*conn, stats));
             }
         }
+        drop(span);
+        probe.phase_done(Phase::Sim);
+        let span = tracing::trace_span!("interest").entered();
         let codec = self.world.codec();
         let interest = InterestConfig {
             radius: self.cfg.interest_radius,
@@ -586,6 +600,20 @@ impl ServerCore {
             codec: &codec,
             interest,
         };
+        for p in self.players.values_mut() {
+            if p.link.max_datagram.is_some() {
+                let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
+                p.replicator.select(
+                    &frame,
+                    p.session.avatar,
+                    baseline.as_deref(),
+                    &mut self.scratch_rep,
+                );
+            }
+        }
+        drop(span);
+        probe.phase_done(Phase::Interest);
+        let _span = tracing::trace_span!("encode").entered();
         let rate = f64::from(self.cfg.tick_rate);
         for (conn, p) in &mut self.players {
             let Some(max) = p.link.max_datagram else {
@@ -605,7 +633,7 @@ impl ServerCore {
             let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
             let input_ack = p.session.inputs.newest_received();
             self.scratch.clear();
-            match p.replicator.step(
+            match p.replicator.replicate(
                 &frame,
                 p.session.avatar,
                 baseline.as_deref(),
@@ -633,6 +661,7 @@ impl ServerCore {
                     c.snapshot_parts += stats.parts as u64;
                     c.snapshot_bytes += stats.bytes as u64;
                     c.snapshot_bytes_max = c.snapshot_bytes_max.max(stats.bytes as u64);
+                    probe.snapshot_built(stats.bytes);
                     out.extend(
                         self.scratch
                             .drain(..)
@@ -645,6 +674,7 @@ impl ServerCore {
                 }
             }
         }
+        probe.phase_done(Phase::Encode);
     }
 
     /// Starts shutting down: refuses further joins and closes every player with a reason.
@@ -657,6 +687,13 @@ impl ServerCore {
                 "server shutting down".into(),
             ));
         }
+    }
+
+    /// Each player's connection, lobby entry and newest acked snapshot tick (for status pages).
+    pub fn player_acks(&self) -> impl Iterator<Item = (ConnId, &PlayerInfo, Option<Tick>)> + '_ {
+        self.players
+            .iter()
+            .map(|(c, p)| (*c, &p.info, p.session.acked()))
     }
 
     /// The player id of a connection, if it has joined.
