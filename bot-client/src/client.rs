@@ -20,9 +20,9 @@ use quicktick_shared::reconnect::{
 use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
 use quicktick_shared::wire::{
-    clean_chat, close, encode_frame, Channel, ChatLine, ClientMsg, FrameDecoder,
-    PlayerInfo, PresenceState, RefuseReason, ResumeRequest, Resumed, ServerMsg, Welcome,
-    MAX_CHAT_BYTES, PROTOCOL_VERSION,
+    clean_chat, close, encode_frame, Channel, ChatLine, ClientMsg, FrameDecoder, PlayerInfo,
+    PresenceState, RefuseReason, ResumeRequest, Resumed, ServerMsg, Welcome, MAX_CHAT_BYTES,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
@@ -996,12 +996,7 @@ async fn reconnect(
         };
         let attempt = tokio::time::timeout(
             target.options.connect_timeout,
-            handshake(
-                &target.endpoint,
-                target.server,
-                &target.server_name,
-                &first,
-            ),
+            handshake(&target.endpoint, target.server, &target.server_name, &first),
         )
         .await;
         match attempt {

@@ -481,8 +481,20 @@ mod tests {
     fn peak_attempts_per_second() {
         let t0 = std::time::Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut v = vec![at(0), at(100), at(900), at(1000), at(1050), at(2500), at(1999)];
-        assert_eq!(peak_per_second(&mut v), 4, "100, 900, 1000 and 1050 within one second");
+        let mut v = vec![
+            at(0),
+            at(100),
+            at(900),
+            at(1000),
+            at(1050),
+            at(2500),
+            at(1999),
+        ];
+        assert_eq!(
+            peak_per_second(&mut v),
+            4,
+            "100, 900, 1000 and 1050 within one second"
+        );
         assert_eq!(peak_per_second(&mut []), 0);
     }
 
@@ -585,7 +597,12 @@ mod tests {
             (2, 7, 3)
         );
         assert_eq!(
-            (r.connections_lost, r.reconnect_attempts, r.resumes, r.degraded),
+            (
+                r.connections_lost,
+                r.reconnect_attempts,
+                r.resumes,
+                r.degraded
+            ),
             (2, 4, 2, 2)
         );
         assert_eq!(r.bots_requested, 3);

@@ -17,14 +17,14 @@ use tokio::task::JoinSet;
 
 use crate::behaviour::{Rng, Wander};
 use crate::client::{Client, ClientOptions, TokenSource};
-use crate::migrate::rebind_endpoint;
-use quicktick_shared::reconnect::ConnectionState;
 use crate::conditioner::{conditioned_endpoint_with_handle, ConditionerStats, Impairment};
 use crate::endpoint::{client_endpoint, load_trust};
+use crate::migrate::rebind_endpoint;
 use crate::report::{
     aggregate, chat_lost, chat_missing, peak_per_second, presence_mismatches, BotOutcome, Report,
     RunFacts,
 };
+use quicktick_shared::reconnect::ConnectionState;
 
 /// Delay between the starts of two consecutive bots' connection attempts.
 pub const STAGGER: Duration = Duration::from_millis(2);
@@ -267,7 +267,10 @@ fn check(cfg: &SwarmConfig) -> anyhow::Result<()> {
             .context("--latency-ms / --jitter-ms too large")?;
     }
     let positive = |v: f64| v.is_finite() && v > 0.0;
-    if cfg.blackout_at.is_some_and(|v| !(v.is_finite() && v >= 0.0)) || !positive(cfg.blackout_secs)
+    if cfg
+        .blackout_at
+        .is_some_and(|v| !(v.is_finite() && v >= 0.0))
+        || !positive(cfg.blackout_secs)
     {
         bail!("--blackout-at must be 0 or more and --blackout-secs positive");
     }

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub resume_grace_ms: u32,
     /// Chat lines kept per channel (global, each room, each player's whispers) for replay, 1..=4096.
     pub chat_history: usize,
+    /// TCP address of the admin HTTP listener (`/metrics`, `/status`, `/events`, the dashboard `/`);
+    /// `None` (the default): no listener. Port 0 picks a free port ([`crate::Server::admin_addr`]).
+    pub metrics_addr: Option<SocketAddr>,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             auth_secret_file: None,
             resume_grace_ms: 30_000,
             chat_history: 256,
+            metrics_addr: None,
             start_tick: 0,
         }
     }
@@ -210,10 +214,16 @@ impl ServerConfig {
             );
         }
         if self.resume_grace_ms > 600_000 {
-            bail!("resume_grace_ms must be at most 600000 (got {})", self.resume_grace_ms);
+            bail!(
+                "resume_grace_ms must be at most 600000 (got {})",
+                self.resume_grace_ms
+            );
         }
         if !(1..=4096).contains(&self.chat_history) {
-            bail!("chat_history must be within 1..=4096 (got {})", self.chat_history);
+            bail!(
+                "chat_history must be within 1..=4096 (got {})",
+                self.chat_history
+            );
         }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");

@@ -8,22 +8,23 @@ use std::sync::Arc;
 use quicktick_shared::delta::SnapshotEncoder;
 use quicktick_shared::entity::EntityId;
 use quicktick_shared::input::{InputCmd, InputCounters};
+use quicktick_shared::lobby::PresenceOutcome;
 use quicktick_shared::lobby::{ChatOutcome, Lobby};
 use quicktick_shared::map::Map;
 use quicktick_shared::session::ServerSession;
+use quicktick_shared::sim::Entity;
 use quicktick_shared::sim::{SimConfig, SimEvent, World};
 use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
-use quicktick_shared::lobby::PresenceOutcome;
-use quicktick_shared::sim::Entity;
 use quicktick_shared::wire::{
-    close, Channel, ClientMsg, ErrorCode, InputDatagram, LeaveReason, PlayerInfo,
-    RefuseReason, ResumeRequest, Resumed, ServerMsg, Welcome, RESUME_TOKEN_BYTES,
+    close, Channel, ClientMsg, ErrorCode, InputDatagram, LeaveReason, PlayerInfo, RefuseReason,
+    ResumeRequest, Resumed, ServerMsg, Welcome, RESUME_TOKEN_BYTES,
 };
 
 use crate::config::ServerConfig;
 use crate::interest::{Grid, InterestConfig};
 use crate::replicate::{Frame, Limits, Replicator, Scratch};
+use crate::telemetry::{NoProbe, Phase, TickProbe};
 
 /// Identifies one QUIC connection for the life of the server.
 pub type ConnId = u64;
@@ -387,7 +388,13 @@ impl ServerCore {
         Ok((body.name, Some(body.player_id)))
     }
 
-    fn refuse(&mut self, conn: ConnId, reason: RefuseReason, version: u16, out: &mut Vec<CoreOutput>) {
+    fn refuse(
+        &mut self,
+        conn: ConnId,
+        reason: RefuseReason,
+        version: u16,
+        out: &mut Vec<CoreOutput>,
+    ) {
         self.counters.refusals += 1;
         let detail = match reason {
             RefuseReason::VersionMismatch => format!(
@@ -584,7 +591,10 @@ impl ServerCore {
         let next = self.world.tick().next();
         if came_back {
             for c in self.players.keys() {
-                out.push(CoreOutput::Frame(*c, ServerMsg::PlayerJoined(player.info.clone())));
+                out.push(CoreOutput::Frame(
+                    *c,
+                    ServerMsg::PlayerJoined(player.info.clone()),
+                ));
             }
         }
         match resume {
@@ -608,7 +618,11 @@ impl ServerCore {
                         chat_replayed: lines.len() as u32,
                     }),
                 ));
-                out.extend(lines.into_iter().map(|l| CoreOutput::Frame(conn, ServerMsg::Chat(l))));
+                out.extend(
+                    lines
+                        .into_iter()
+                        .map(|l| CoreOutput::Frame(conn, ServerMsg::Chat(l))),
+                );
             }
             None => {
                 player.session.resume(None, next);
@@ -671,7 +685,9 @@ impl ServerCore {
 
     /// Seconds of simulated time as the clock of rate limits.
     fn now(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.counters.ticks as f64 / f64::from(self.cfg.tick_rate))
+        std::time::Duration::from_secs_f64(
+            self.counters.ticks as f64 / f64::from(self.cfg.tick_rate),
+        )
     }
 
     fn error(out: &mut Vec<CoreOutput>, conn: ConnId, code: ErrorCode, detail: String) {
@@ -782,7 +798,10 @@ impl ServerCore {
             self.counters.stray_events += 1;
             return;
         };
-        match self.lobby.chat(p.info.id, client_msg_id, channel, text, now) {
+        match self
+            .lobby
+            .chat(p.info.id, client_msg_id, channel, text, now)
+        {
             ChatOutcome::RateLimited => {
                 self.counters.chat_rate_limited += 1;
                 // Tell the sender, at most once a second (the notices must not flood it either).
@@ -848,7 +867,8 @@ impl ServerCore {
         if reason == LeaveReason::TimedOut && self.cfg.resume_grace_ms > 0 && !self.shutting_down {
             let avatar = self.world.park(p.session.avatar);
             self.lobby.set_online(id, false);
-            let grace_ticks = u64::from(self.cfg.resume_grace_ms) * u64::from(self.cfg.tick_rate) / 1000;
+            let grace_ticks =
+                u64::from(self.cfg.resume_grace_ms) * u64::from(self.cfg.tick_rate) / 1000;
             self.parked.insert(
                 id,
                 Parked {
@@ -901,12 +921,22 @@ impl ServerCore {
     /// Runs one tick: each player's input for the tick, the simulation step, the snapshot, and a
     /// delta-encoded snapshot for every player within its connection's datagram limit.
     pub fn tick(&mut self, out: &mut Vec<CoreOutput>) {
+        self.tick_probed(out, &mut NoProbe);
+    }
+
+    /// [`ServerCore::tick`], telling `probe` where each phase ends (inputs, sim, interest, encode);
+    /// each phase also runs in a `trace`-level span of its name.
+    pub fn tick_probed(&mut self, out: &mut Vec<CoreOutput>, probe: &mut impl TickProbe) {
+        let span = tracing::trace_span!("inputs").entered();
         self.expire_parked();
         let inputs: Vec<(EntityId, InputCmd)> = self
             .players
             .values_mut()
             .map(|p| (p.session.avatar, p.session.inputs.take().0))
             .collect();
+        drop(span);
+        probe.phase_done(Phase::Inputs);
+        let span = tracing::trace_span!("sim").entered();
         self.events.clear();
         let next = self.world.tick().next();
         let window_ticks = f64::from(self.cfg.lag_comp_ms) * f64::from(self.cfg.tick_rate) / 1000.0;
@@ -959,6 +989,9 @@ impl ServerCore {
                 out.push(CoreOutput::Frame(*conn, stats));
             }
         }
+        drop(span);
+        probe.phase_done(Phase::Sim);
+        let span = tracing::trace_span!("interest").entered();
         let codec = self.world.codec();
         let interest = InterestConfig {
             radius: self.cfg.interest_radius,
@@ -973,6 +1006,20 @@ impl ServerCore {
             codec: &codec,
             interest,
         };
+        for p in self.players.values_mut() {
+            if p.link.max_datagram.is_some() {
+                let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
+                p.replicator.select(
+                    &frame,
+                    p.session.avatar,
+                    baseline.as_deref(),
+                    &mut self.scratch_rep,
+                );
+            }
+        }
+        drop(span);
+        probe.phase_done(Phase::Interest);
+        let _span = tracing::trace_span!("encode").entered();
         let rate = f64::from(self.cfg.tick_rate);
         for (conn, p) in &mut self.players {
             let Some(max) = p.link.max_datagram else {
@@ -992,7 +1039,7 @@ impl ServerCore {
             let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
             let input_ack = p.session.inputs.newest_received();
             self.scratch.clear();
-            match p.replicator.step(
+            match p.replicator.replicate(
                 &frame,
                 p.session.avatar,
                 baseline.as_deref(),
@@ -1020,6 +1067,7 @@ impl ServerCore {
                     c.snapshot_parts += stats.parts as u64;
                     c.snapshot_bytes += stats.bytes as u64;
                     c.snapshot_bytes_max = c.snapshot_bytes_max.max(stats.bytes as u64);
+                    probe.snapshot_built(stats.bytes);
                     out.extend(
                         self.scratch
                             .drain(..)
@@ -1032,6 +1080,7 @@ impl ServerCore {
                 }
             }
         }
+        probe.phase_done(Phase::Encode);
     }
 
     /// Starts shutting down: refuses further joins and closes every player with a reason.
@@ -1044,6 +1093,13 @@ impl ServerCore {
                 "server shutting down".into(),
             ));
         }
+    }
+
+    /// Each player's connection, lobby entry and newest acked snapshot tick (for status pages).
+    pub fn player_acks(&self) -> impl Iterator<Item = (ConnId, &PlayerInfo, Option<Tick>)> + '_ {
+        self.players
+            .iter()
+            .map(|(c, p)| (*c, &p.info, p.session.acked()))
     }
 
     /// The player id of a connection, if it has joined.
@@ -1188,7 +1244,11 @@ mod tests {
             },
             &mut out,
         );
-        assert_eq!(c.parked_count(), 1, "a timed-out player is parked for a resume");
+        assert_eq!(
+            c.parked_count(),
+            1,
+            "a timed-out player is parked for a resume"
+        );
         assert!(c.world().entity(avatar).is_none(), "avatar left the world");
         assert_eq!(c.roster().len(), 2);
         assert!(frames(&out, 1).contains(&ServerMsg::PlayerLeft {
@@ -1295,7 +1355,13 @@ mod tests {
         c.tick(out);
     }
 
-    fn chat(c: &mut ServerCore, conn: ConnId, id: u32, channel: Channel, out: &mut Vec<CoreOutput>) {
+    fn chat(
+        c: &mut ServerCore,
+        conn: ConnId,
+        id: u32,
+        channel: Channel,
+        out: &mut Vec<CoreOutput>,
+    ) {
         c.handle(
             CoreEvent::Msg {
                 conn,
@@ -1412,7 +1478,10 @@ mod tests {
         c.set_max_datagram(5, Some(1200));
         out.clear();
         c.tick(&mut out);
-        assert_eq!(c.counters.keyframes, keyframes, "no keyframe for the resumed player");
+        assert_eq!(
+            c.counters.keyframes, keyframes,
+            "no keyframe for the resumed player"
+        );
         assert_eq!((c.counters.resumes, c.counters.resume_keyframes), (1, 0));
         // The old token no longer works.
         out.clear();
@@ -1430,7 +1499,10 @@ mod tests {
             &mut out,
         );
         assert!(matches!(&frames(&out, 6)[0], ServerMsg::Refused { .. }));
-        assert!(c.world().entity(w.avatar).is_some(), "a refused resume changes nothing");
+        assert!(
+            c.world().entity(w.avatar).is_some(),
+            "a refused resume changes nothing"
+        );
     }
 
     #[test]

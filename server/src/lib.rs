@@ -11,6 +11,9 @@
 //! - `tick_loop`: the dedicated tick thread: schedule, queues, executing the core's outputs.
 //! - [`net`]: endpoint, accept loop, per-connection tasks.
 //! - [`stats`]: lock-free counters.
+//! - [`telemetry`]: metrics handles, the Prometheus recorder, tick-phase timing, per-connection sampling.
+//! - [`events`]: the bounded, id-numbered event ring behind `/events`.
+//! - `admin`: the admin HTTP listener (`/metrics`, `/status`, `/events`, `/world`, `/map`, `/`).
 
 // Tests may unwrap and index; library code may not (checked by the non-test build).
 #![cfg_attr(
@@ -18,13 +21,16 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+mod admin;
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod events;
 pub mod interest;
 pub mod net;
 pub mod replicate;
 pub mod stats;
+pub mod telemetry;
 mod tick_loop;
 pub mod tls;
 
@@ -41,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use crate::config::ServerConfig;
 pub use crate::stats::{ServerStats, StatsSnapshot};
-pub use crate::tick_loop::Published;
+pub use crate::tick_loop::{PlayerStatus, Published, TickSummary};
 
 /// Capacity of the input queue from connection tasks to the tick thread (full → dropped, counted).
 pub const INPUT_QUEUE: usize = 16 * 1024;
@@ -59,6 +65,12 @@ pub struct Server {
     stop_accept: watch::Sender<bool>,
     tick_thread: Option<std::thread::JoinHandle<()>>,
     accept_task: tokio::task::JoinHandle<()>,
+    /// The admin HTTP listener's address and task, when `metrics_addr` is set.
+    admin: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// Stops the admin listener and its event streams.
+    stop_admin: watch::Sender<bool>,
+    /// Presence, chat and tick events.
+    events: Arc<events::EventRing>,
 }
 
 impl Server {
@@ -70,6 +82,34 @@ impl Server {
         let published = Arc::new(Published::default());
         let stop_tick = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
+        // The recorder must exist before the handles are registered (else they are no-ops).
+        let prometheus = cfg
+            .metrics_addr
+            .and_then(|_| telemetry::install_prometheus());
+        let metrics = telemetry::Metrics::register();
+        let events = Arc::new(events::EventRing::default());
+        let conns = Arc::new(telemetry::ConnRegistry::default());
+        let (stop_admin, stop_admin_rx) = watch::channel(false);
+        let admin = match cfg.metrics_addr {
+            Some(addr) => {
+                let listener = admin::bind(addr)?;
+                let bound = listener.local_addr().context("admin listener address")?;
+                let state = Arc::new(admin::AdminState {
+                    started: std::time::Instant::now(),
+                    tick_rate: cfg.tick_rate,
+                    stats: stats.clone(),
+                    published: published.clone(),
+                    conns: conns.clone(),
+                    events: events.clone(),
+                    prometheus,
+                    map: admin::AdminState::map_json(&map),
+                    stop: stop_admin_rx,
+                });
+                tracing::info!(addr = %bound, "admin HTTP listening: /metrics /status /events, dashboard at /");
+                Some((bound, tokio::spawn(admin::serve(listener, state))))
+            }
+            None => None,
+        };
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
         let mut core = core::ServerCore::new(cfg.clone(), map);
@@ -91,6 +131,11 @@ impl Server {
             tick_rate: cfg.tick_rate,
             max_catchup: cfg.max_catchup_ticks,
             out: Vec::new(),
+            timer: telemetry::PhaseTimer::new(&metrics),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            marks: tick_loop::Marks::default(),
+            window: tick_loop::Window::default(),
         };
         let tick_thread = std::thread::Builder::new()
             .name("quicktick-tick".into())
@@ -105,6 +150,8 @@ impl Server {
             inputs: input_tx,
             next_conn: AtomicU64::new(1),
             pending: Arc::new(tokio::sync::Semaphore::new(cfg_pending)),
+            metrics,
+            conns,
         });
         let accept_task = tokio::spawn(net::accept_loop(endpoint.clone(), ctx, stop_rx));
         Ok(Self {
@@ -116,7 +163,23 @@ impl Server {
             stop_accept,
             tick_thread: Some(tick_thread),
             accept_task,
+            admin,
+            stop_admin,
+            events,
         })
+    }
+
+    /// The bound address of the admin HTTP listener (`/metrics`, `/status`, `/events`, `/`), when
+    /// `metrics_addr` is set.
+    #[must_use]
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The event ring behind `/events`.
+    #[must_use]
+    pub fn events(&self) -> &Arc<events::EventRing> {
+        &self.events
     }
 
     /// The address the server listens on.
@@ -167,6 +230,10 @@ impl Server {
         self.endpoint
             .close(close::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = self.stop_admin.send(true);
+        if let Some((_, task)) = self.admin.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         self.stats.snapshot()
     }
 }

@@ -50,6 +50,44 @@ struct Args {
     /// Stop gracefully after this many seconds [default: run until SIGINT/SIGTERM]
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+    /// Serve the admin HTTP listener (/metrics, /status, /events, dashboard at /) on this TCP
+    /// address; `--metrics` alone means 127.0.0.1:9100 [default: off]
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9100")]
+    metrics: Option<SocketAddr>,
+    /// Log line format on stderr (filter with RUST_LOG, default "info")
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+/// Installs the global subscriber: `RUST_LOG` (default `info`), stderr, text or JSON lines.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Span closes are logged (with their busy time) only when a span's level is enabled, e.g.
+    // RUST_LOG=quicktick_server=trace for the tick phases.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -94,15 +132,8 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     let mut cfg = match &args.config {
         Some(p) => ServerConfig::from_file(p)?,
         None => ServerConfig::default(),
@@ -150,6 +181,9 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.npcs {
         cfg.npc_count = n;
+    }
+    if let Some(a) = args.metrics {
+        cfg.metrics_addr = Some(a);
     }
     cfg.validate()?;
     let map = cfg.load_map()?;

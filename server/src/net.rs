@@ -19,6 +19,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::config::ServerConfig;
 use crate::core::ConnId;
 use crate::stats::ServerStats;
+use crate::telemetry::{CloseReason, ConnRegistry, ConnSampler, LinkCounters, Metrics};
 use crate::tick_loop::{Control, Link, Outbound};
 use crate::tls::CertKey;
 
@@ -68,6 +69,10 @@ pub(crate) struct NetCtx {
     pub next_conn: AtomicU64,
     /// Connections between the first packet and `hello` (bounded: beyond it new ones are refused).
     pub pending: Arc<tokio::sync::Semaphore>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// Each connection's status, refreshed once a second by its task.
+    pub conns: Arc<ConnRegistry>,
 }
 
 /// Accepts connections until `stop` flips; each one runs in its own task.
@@ -87,6 +92,7 @@ pub(crate) async fn accept_loop(
                     Err(_) => {
                         // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
                         ServerStats::add(&ctx.stats.handshakes_refused, 1);
+                        ctx.metrics.handshakes_refused.increment(1);
                         incoming.refuse();
                     }
                 },
@@ -114,10 +120,12 @@ fn leave_reason(e: &ConnectionError) -> LeaveReason {
 fn violation(
     conn: &quinn::Connection,
     stats: &std::sync::atomic::AtomicU64,
+    metric: &metrics::Counter,
     what: &str,
     e: &WireError,
 ) -> LeaveReason {
     ServerStats::add(stats, 1);
+    metric.increment(1);
     let reason = format!("protocol violation: {what}: {e}");
     tracing::info!(remote = %conn.remote_address(), "{reason}");
     let mut bytes = reason.into_bytes();
@@ -131,16 +139,19 @@ async fn connection(
     ctx: Arc<NetCtx>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let deadline = Instant::now() + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
+    let began = Instant::now();
+    let deadline = began + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
     let conn = match timeout_at(deadline, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             ServerStats::add(&ctx.stats.handshake_failures, 1);
+            ctx.metrics.close(CloseReason::HandshakeFailed);
             tracing::debug!("handshake failed: {e}");
             return;
         }
         Err(_) => {
             ServerStats::add(&ctx.stats.handshake_failures, 1);
+            ctx.metrics.close(CloseReason::HandshakeTimeout);
             return;
         }
     };
@@ -148,20 +159,42 @@ async fn connection(
     ctx.stats
         .connections_current
         .fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.connections_total.increment(1);
+    ctx.metrics.connections.increment(1.0);
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    serve(id, &conn, &ctx, deadline, permit).await;
+    let reason = serve(id, &conn, &ctx, (began, deadline), permit).await;
+    ctx.metrics.close(reason);
+    if let Ok(mut m) = ctx.conns.lock() {
+        m.remove(&id);
+    }
+    ctx.metrics.connections.decrement(1.0);
     ctx.stats
         .connections_current
         .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The metrics label of how a served connection ended.
+fn close_reason(conn: &quinn::Connection, leave: Option<LeaveReason>) -> CloseReason {
+    match conn.close_reason() {
+        Some(ConnectionError::TimedOut | ConnectionError::Reset) => CloseReason::TimedOut,
+        Some(ConnectionError::LocallyClosed) => match leave {
+            Some(LeaveReason::Quit) => CloseReason::Quit,
+            _ => CloseReason::ServerClosed,
+        },
+        _ => match leave {
+            Some(LeaveReason::TimedOut) => CloseReason::TimedOut,
+            _ => CloseReason::Quit,
+        },
+    }
 }
 
 async fn serve(
     id: ConnId,
     conn: &quinn::Connection,
     ctx: &NetCtx,
-    deadline: Instant,
+    (began, deadline): (Instant, Instant),
     permit: tokio::sync::OwnedSemaphorePermit,
-) {
+) -> CloseReason {
     // The stream and `hello` must arrive before the handshake deadline.
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 4096];
@@ -191,26 +224,38 @@ async fn serve(
     let (send, mut recv, first) = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(Ok(e))) => {
-            violation(conn, &ctx.stats.bad_frames, "bad hello", &e);
-            return;
+            let m = &ctx.metrics.bad_frames;
+            violation(conn, &ctx.stats.bad_frames, m, "bad hello", &e);
+            return CloseReason::ProtocolViolation;
         }
-        Ok(Err(Err(_))) => return,
+        Ok(Err(Err(r))) => return close_reason(conn, Some(r)),
         Err(_) => {
             ServerStats::add(&ctx.stats.handshake_failures, 1);
             conn.close(
                 close::HANDSHAKE_TIMEOUT.into(),
                 b"no hello before the handshake deadline",
             );
-            return;
+            return CloseReason::HandshakeTimeout;
         }
     };
     drop(permit); // past hello: no longer a half-open connection
+    ctx.metrics
+        .handshake_seconds
+        .record(began.elapsed().as_secs_f64());
     let (tx, rx) = mpsc::channel(ctx.cfg.outbound_queue);
     tokio::spawn(writer(send, rx, conn.clone()));
     let own_tx = tx.clone();
+    let counters = Arc::new(LinkCounters::default());
+    let mut sampler = ConnSampler::new(conn, counters.clone(), ctx.cfg.datagram_send_buffer);
+    let mut sample_every = tokio::time::interval_at(
+        Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    sample_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let link = Link {
         conn: conn.clone(),
         out: tx,
+        counters,
     };
     if ctx
         .control
@@ -223,32 +268,48 @@ async fn serve(
         .is_err()
     {
         conn.close(close::SHUTDOWN.into(), b"server shutting down");
-        return;
+        return CloseReason::ServerClosed;
     }
     let mut remote = conn.remote_address();
+    let mut violated = false;
     let reason = loop {
         tokio::select! {
+            _ = sample_every.tick() => {
+                let status = sampler.sample(id, conn, &ctx.metrics);
+                if let Ok(mut m) = ctx.conns.lock() {
+                    m.insert(id, status);
+                }
+            }
             d = conn.read_datagram() => match d {
                 Ok(bytes) => {
                     note_migration(conn, &mut remote, &ctx.stats);
+                    let bad = &ctx.metrics.bad_datagrams;
                     if bytes.len() > MAX_INPUT_DATAGRAM {
-                        break violation(conn, &ctx.stats.bad_datagrams, "datagram", &WireError::TooLarge(bytes.len(), MAX_INPUT_DATAGRAM));
+                        violated = true;
+                        break violation(conn, &ctx.stats.bad_datagrams, bad, "datagram", &WireError::TooLarge(bytes.len(), MAX_INPUT_DATAGRAM));
                     }
                     match InputDatagram::decode(&bytes) {
                         Ok(d) => {
                             ServerStats::add(&ctx.stats.input_datagrams, 1);
                             ServerStats::add(&ctx.stats.input_bytes, bytes.len() as u64);
+                            ctx.metrics.datagrams_received.increment(1);
+                            ctx.metrics.bytes_received_input.increment(bytes.len() as u64);
                             if ctx.inputs.try_send((id, d, bytes.len())).is_err() {
                                 ServerStats::add(&ctx.stats.input_queue_full, 1);
+                                ctx.metrics.dropped_queue_full.increment(1);
                             }
                         }
-                        Err(e) => break violation(conn, &ctx.stats.bad_datagrams, "input datagram", &e),
+                        Err(e) => {
+                            violated = true;
+                            break violation(conn, &ctx.stats.bad_datagrams, bad, "input datagram", &e);
+                        }
                     }
                 }
                 Err(e) => break leave_reason(&e),
             },
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => {
+                    ctx.metrics.bytes_received_stream.increment(n as u64);
                     dec.extend(buf.get(..n).unwrap_or_default());
                     let mut bad = None;
                     loop {
@@ -272,7 +333,9 @@ async fn serve(
                         }
                     }
                     if let Some(e) = bad {
-                        break violation(conn, &ctx.stats.bad_frames, "stream frame", &e);
+                        violated = true;
+                        let m = &ctx.metrics.bad_frames;
+                        break violation(conn, &ctx.stats.bad_frames, m, "stream frame", &e);
                     }
                 }
                 Ok(None) => {
@@ -292,6 +355,11 @@ async fn serve(
         }
     };
     let _ = ctx.control.send(Control::Gone { conn: id, reason }).await;
+    if violated {
+        CloseReason::ProtocolViolation
+    } else {
+        close_reason(conn, Some(reason))
+    }
 }
 
 /// Counts a change of the client's address (QUIC migration), checked as each datagram arrives.

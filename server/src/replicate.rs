@@ -25,6 +25,8 @@ pub struct Replicator {
     tokens: f64,
     /// Changes deferred by the budget so far.
     pub deferred: u64,
+    /// This tick's wanted set (positions in the world snapshot, sorted), from [`Replicator::select`].
+    wanted: Vec<u32>,
 }
 
 /// Inputs of one replication step that do not belong to the client.
@@ -58,13 +60,14 @@ const MUST: f32 = f32::INFINITY;
 #[derive(Debug, Default)]
 pub struct Scratch {
     near: Vec<u32>,
-    wanted: Vec<u32>,
     picks: Vec<(f32, usize, u16)>,
 }
 
 impl Replicator {
     /// Builds this client's view at `frame.world.tick` and encodes the datagrams that take the
     /// client from `baseline` to it. Returns the view (to be recorded as sent) and the encode stats.
+    /// [`Replicator::select`] then [`Replicator::replicate`] (the core calls the halves separately
+    /// so that interest and encode are timed as two phases).
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -77,16 +80,28 @@ impl Replicator {
         encoder: &mut SnapshotEncoder,
         out: &mut Vec<Vec<u8>>,
     ) -> Result<(Arc<Snapshot>, EncodeStats), EncodeError> {
+        self.select(frame, avatar, baseline, scratch);
+        self.replicate(
+            frame, avatar, baseline, input_ack, limits, scratch, encoder, out,
+        )
+    }
+
+    /// Interest: the entities this client should hold at this tick (near its avatar, with
+    /// hysteresis for those it holds in `baseline`), kept for [`Replicator::replicate`].
+    pub fn select(
+        &mut self,
+        frame: &Frame<'_>,
+        avatar: EntityId,
+        baseline: Option<&Snapshot>,
+        scratch: &mut Scratch,
+    ) {
         let world = frame.world;
-        let tick = world.tick;
         let me = world.get(avatar.index).filter(|e| e.id == avatar).copied();
         let (cx, cy) = me.map_or((0, 0), |e| (e.qx, e.qy));
         let r = (frame.interest.radius / POS_QUANTUM) as u64;
         let r_out = ((frame.interest.radius + frame.interest.hysteresis) / POS_QUANTUM) as u64;
-
-        // 1. The entities this client should hold: near its avatar, with hysteresis for those held.
         scratch.near.clear();
-        scratch.wanted.clear();
+        self.wanted.clear();
         if me.is_some() {
             frame.grid.query(cx, cy, r_out as u32, &mut scratch.near);
         }
@@ -101,19 +116,41 @@ impl Replicator {
                     .is_some_and(|b| b.id == e.id)
             };
             if e.id == avatar || d2 <= r * r || (d2 <= r_out * r_out && held()) {
-                scratch.wanted.push(pos);
+                self.wanted.push(pos);
             }
         }
-        scratch.wanted.sort_unstable();
+        self.wanted.sort_unstable();
+    }
+
+    /// Builds this client's view from the set chosen by [`Replicator::select`] (same `frame` and
+    /// `baseline`) and encodes the datagrams that take the client from `baseline` to it. Returns
+    /// the view (to be recorded as sent) and the encode stats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn replicate(
+        &mut self,
+        frame: &Frame<'_>,
+        avatar: EntityId,
+        baseline: Option<&Snapshot>,
+        input_ack: Option<Tick>,
+        limits: Limits,
+        scratch: &mut Scratch,
+        encoder: &mut SnapshotEncoder,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(Arc<Snapshot>, EncodeStats), EncodeError> {
+        let world = frame.world;
+        let tick = world.tick;
+        let me = world.get(avatar.index).filter(|e| e.id == avatar).copied();
+        let (cx, cy) = me.map_or((0, 0), |e| (e.qx, e.qy));
 
         // 2. Changes from the baseline to the wanted set, merged by index.
         let base: &[EntityState] = baseline.map_or(&[], |b| b.entities.as_slice());
         let mut changes: Vec<Change<'_>> = Vec::new();
-        let wanted = scratch
-            .wanted
+        let wanted_set = std::mem::take(&mut self.wanted);
+        let wanted = wanted_set
             .iter()
             .filter_map(|p| world.entities.get(*p as usize));
         diff_sorted(base, wanted, &mut changes);
+        self.wanted = wanted_set; // keep the allocation for the next tick
 
         // 3. The budget decides which changes go now.
         self.tokens =

@@ -12,7 +12,7 @@ macro_rules! counters {
         }
 
         /// A plain copy of [`ServerStats`] at one moment.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         pub struct StatsSnapshot {
             $( $(#[$doc])* pub $name: u64, )*
         }

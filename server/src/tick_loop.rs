@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 
 use quicktick_shared::snapshot::Snapshot;
 use quicktick_shared::tick::Tick;
-use quicktick_shared::wire::{close, encode_frame, ClientMsg, InputDatagram, LeaveReason, PlayerInfo};
+use quicktick_shared::wire::{
+    close, encode_frame, ClientMsg, InputDatagram, LeaveReason, PlayerInfo,
+};
 use quinn::SendDatagramError;
 use tokio::sync::mpsc;
 
 use crate::core::{ConnId, CoreEvent, CoreOutput, LinkState, ServerCore};
+use crate::events::EventRing;
 use crate::stats::ServerStats;
+use crate::telemetry::{LinkCounters, Metrics, Phase, PhaseTimer, TickProbe};
 
 /// What the writer task of a connection should do next.
 #[derive(Debug)]
@@ -32,6 +36,8 @@ pub(crate) struct Link {
     pub conn: quinn::Connection,
     /// Bounded queue to the connection's stream writer.
     pub out: mpsc::Sender<Outbound>,
+    /// What the tick thread sent it (the connection task samples these once a second).
+    pub counters: Arc<LinkCounters>,
 }
 
 /// Control events from connection tasks (never dropped; bounded by the number of connections).
@@ -69,6 +75,56 @@ pub struct Published {
     pub recent: Mutex<VecDeque<Arc<Snapshot>>>,
     /// The lobby roster after the last tick.
     pub roster: Mutex<Vec<PlayerInfo>>,
+    /// Each player's status, refreshed a few times a second.
+    pub players: Mutex<Vec<PlayerStatus>>,
+    /// Tick statistics of the last full second.
+    pub ticks: Mutex<TickSummary>,
+}
+
+/// A player as the tick thread sees it (for `/status`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PlayerStatus {
+    /// Connection id.
+    pub conn: ConnId,
+    /// Player id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Slot index of the avatar entity.
+    pub avatar: u16,
+    /// Ticks between the current tick and the client's acked baseline (`None`: no ack yet).
+    pub baseline_age_ticks: Option<i32>,
+}
+
+/// Tick statistics over one second (the `tick` event and `/status`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TickSummary {
+    /// The current tick number.
+    pub tick: u32,
+    /// Ticks run in the last second, per second.
+    pub rate_hz: f64,
+    /// Duration of the newest tick, µs.
+    pub last_us: u64,
+    /// Mean tick duration over the last second, µs.
+    pub avg_us: u64,
+    /// Longest tick in the last second, µs.
+    pub max_us: u64,
+    /// Ticks since the start.
+    pub ticks: u64,
+    /// Overruns since the start.
+    pub overruns: u64,
+    /// Late ticks since the start.
+    pub late: u64,
+    /// Skipped ticks since the start.
+    pub skipped: u64,
+    /// Players now.
+    pub players: u64,
+    /// Entities now.
+    pub entities: u64,
+    /// Snapshot and stream bytes queued per second (last second).
+    pub bytes_out_per_s: f64,
+    /// Input datagram bytes received per second (last second).
+    pub bytes_in_per_s: f64,
 }
 
 /// Snapshots kept in [`Published::recent`].
@@ -101,6 +157,51 @@ pub(crate) struct TickThread {
     pub tick_rate: u32,
     pub max_catchup: u32,
     pub out: Vec<CoreOutput>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// Times the phases of the current tick.
+    pub timer: PhaseTimer,
+    /// Presence, chat and tick events for observers.
+    pub events: Arc<EventRing>,
+    /// Core counters already added to the metrics.
+    pub marks: Marks,
+    /// The current one-second window of tick statistics.
+    pub window: Window,
+}
+
+/// Core counter values already reported to the metrics (the core counts; the shell adds deltas).
+#[derive(Debug, Default)]
+pub(crate) struct Marks {
+    keyframes: u64,
+    deltas: u64,
+    chat: u64,
+    refusals: u64,
+    late: u64,
+    missing: u64,
+}
+
+/// Accumulates one second of tick statistics.
+#[derive(Debug)]
+pub(crate) struct Window {
+    began: Instant,
+    ticks: u64,
+    total_us: u64,
+    max_us: u64,
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            began: Instant::now(),
+            ticks: 0,
+            total_us: 0,
+            max_us: 0,
+            bytes_out: 0,
+            bytes_in: 0,
+        }
+    }
 }
 
 /// Most control events handled per tick (the rest wait for the next tick).
@@ -121,13 +222,19 @@ impl TickThread {
                 std::thread::sleep(deadline - now);
             }
             let began = Instant::now();
-            if began.saturating_duration_since(deadline) > period {
+            let lateness = began.saturating_duration_since(deadline);
+            self.metrics
+                .tick_lateness_seconds
+                .record(lateness.as_secs_f64());
+            if lateness > period {
                 ServerStats::add(&self.stats.late_ticks, 1);
+                self.metrics.ticks_late.increment(1);
             }
             let due = (began.duration_since(start).as_secs_f64() / period.as_secs_f64()) as u64;
             if due > n + u64::from(self.max_catchup) {
                 let skip = due - n - u64::from(self.max_catchup);
                 ServerStats::add(&self.stats.skipped_ticks, skip);
+                self.metrics.ticks_skipped.increment(skip);
                 n += skip;
             }
             if self.stop.load(Ordering::Acquire) {
@@ -157,8 +264,34 @@ impl TickThread {
             ServerStats::add(&self.stats.ticks, 1);
             ServerStats::add(&self.stats.tick_us_total, us);
             self.stats.max(&self.stats.tick_us_max, us);
+            self.metrics.ticks.increment(1);
+            self.metrics.tick_seconds.record(took.as_secs_f64());
+            self.timer.record(&self.metrics);
             if took > period {
                 ServerStats::add(&self.stats.overruns, 1);
+                self.metrics.overruns.increment(1);
+            }
+            self.window.ticks += 1;
+            self.window.total_us += us;
+            self.window.max_us = self.window.max_us.max(us);
+            if self.window.began.elapsed() >= Duration::from_secs(1) {
+                self.summarize(us);
+            }
+            if tracing::enabled!(target: "quicktick_server::tick", tracing::Level::TRACE) {
+                let t = &self.timer;
+                let us = |p| t.spent(p).as_micros() as u64;
+                tracing::trace!(
+                    target: "quicktick_server::tick",
+                    tick = self.core.world().tick().0,
+                    total_us = took.as_micros() as u64,
+                    inputs_us = us(Phase::Inputs),
+                    sim_us = us(Phase::Sim),
+                    interest_us = us(Phase::Interest),
+                    encode_us = us(Phase::Encode),
+                    send_us = us(Phase::Send),
+                    publish_us = us(Phase::Publish),
+                    "tick phases"
+                );
             }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
@@ -178,7 +311,85 @@ impl TickThread {
         }
     }
 
+    /// Closes the one-second window: publishes and emits a `tick` event.
+    fn summarize(&mut self, last_us: u64) {
+        let w = std::mem::take(&mut self.window);
+        let secs = w.began.elapsed().as_secs_f64().max(1e-3);
+        let s = self.stats.snapshot();
+        let summary = TickSummary {
+            tick: self.core.world().tick().0,
+            rate_hz: w.ticks as f64 / secs,
+            last_us,
+            avg_us: w.total_us / w.ticks.max(1),
+            max_us: w.max_us,
+            ticks: s.ticks,
+            overruns: s.overruns,
+            late: s.late_ticks,
+            skipped: s.skipped_ticks,
+            players: s.players,
+            entities: s.entities,
+            bytes_out_per_s: (s.datagram_bytes_sent + s.stream_bytes_sent)
+                .saturating_sub(w.bytes_out) as f64
+                / secs,
+            bytes_in_per_s: s.input_bytes.saturating_sub(w.bytes_in) as f64 / secs,
+        };
+        self.window.bytes_out = s.datagram_bytes_sent + s.stream_bytes_sent;
+        self.window.bytes_in = s.input_bytes;
+        if let Ok(mut t) = self.published.ticks.lock() {
+            *t = summary;
+        }
+        self.events.push("tick", &summary);
+    }
+
     fn handle_control(&mut self, c: Control) {
+        let chat_before = self.core.counters.chat_lines;
+        let (conn, what) = match &c {
+            Control::Join { conn, .. } => (*conn, 0),
+            Control::Msg { conn, .. } => (*conn, 1),
+            Control::Gone { conn, .. } => (*conn, 2),
+        };
+        let leaving = (what == 2).then(|| self.player_info(conn)).flatten();
+        let chat_text = match &c {
+            Control::Msg {
+                msg: ClientMsg::Chat { text, .. },
+                ..
+            } => Some(text.clone()),
+            _ => None,
+        };
+        self.handle_control_inner(c);
+        match what {
+            0 => {
+                if let Some((id, name)) = self.player_info(conn) {
+                    self.events
+                        .push("join", &serde_json::json!({ "id": id, "name": name }));
+                }
+            }
+            1 if self.core.counters.chat_lines > chat_before => {
+                if let (Some((id, name)), Some(text)) = (self.player_info(conn), chat_text) {
+                    self.events.push(
+                        "chat",
+                        &serde_json::json!({ "from": id, "name": name, "text": text }),
+                    );
+                }
+            }
+            2 => {
+                if let Some((id, name)) = leaving {
+                    self.events
+                        .push("leave", &serde_json::json!({ "id": id, "name": name }));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn player_info(&self, conn: ConnId) -> Option<(u32, String)> {
+        self.core
+            .player_acks()
+            .find(|(c, _, _)| *c == conn)
+            .map(|(_, info, _)| (info.id, info.name.clone()))
+    }
+
+    fn handle_control_inner(&mut self, c: Control) {
         let ev = match c {
             Control::Join { conn, link, first } => {
                 self.links.insert(conn, link);
@@ -213,6 +424,8 @@ impl TickThread {
     }
 
     pub fn tick_once(&mut self) {
+        self.timer.begin();
+        let span = tracing::trace_span!("inputs").entered();
         for _ in 0..MAX_CONTROL_PER_TICK {
             match self.control_rx.try_recv() {
                 Ok(c) => self.handle_control(c),
@@ -244,9 +457,12 @@ impl TickThread {
             });
             self.core.set_link(c, link);
         }
-        self.core.tick(&mut self.out);
-        self.execute();
-        self.publish();
+        drop(span);
+        self.core.tick_probed(&mut self.out, &mut self.timer);
+        tracing::trace_span!("send").in_scope(|| self.execute());
+        self.timer.phase_done(Phase::Send);
+        tracing::trace_span!("publish").in_scope(|| self.publish());
+        self.timer.phase_done(Phase::Publish);
     }
 
     fn execute(&mut self) {
@@ -262,11 +478,19 @@ impl TickThread {
                         Ok(()) => {
                             ServerStats::add(&self.stats.datagrams_sent, 1);
                             ServerStats::add(&self.stats.datagram_bytes_sent, len);
+                            ServerStats::add(&link.counters.datagrams, 1);
+                            ServerStats::add(&link.counters.datagram_bytes, len);
+                            self.metrics.datagrams_sent.increment(1);
+                            self.metrics.bytes_sent_snapshot.increment(len);
                         }
                         Err(SendDatagramError::TooLarge) => {
-                            ServerStats::add(&self.stats.datagrams_too_large, 1)
+                            ServerStats::add(&self.stats.datagrams_too_large, 1);
+                            self.metrics.dropped_too_large.increment(1);
                         }
-                        Err(_) => ServerStats::add(&self.stats.datagram_send_errors, 1),
+                        Err(_) => {
+                            ServerStats::add(&self.stats.datagram_send_errors, 1);
+                            self.metrics.dropped_send_error.increment(1);
+                        }
                     }
                 }
                 CoreOutput::Frame(c, msg) => {
@@ -284,10 +508,13 @@ impl TickThread {
                     match link.out.try_send(Outbound::Frame(bytes)) {
                         Ok(()) => {
                             ServerStats::add(&self.stats.stream_bytes_sent, len as u64);
+                            ServerStats::add(&link.counters.stream_bytes, len as u64);
+                            self.metrics.bytes_sent_stream.increment(len as u64);
                             self.core.count_stream_bytes(c, len);
                         }
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             ServerStats::add(&self.stats.slow_consumers, 1);
+                            self.metrics.slow_consumers.increment(1);
                             tracing::info!(conn = c, "disconnecting slow consumer");
                             link.conn.close(
                                 close::SLOW_CONSUMER.into(),
@@ -332,10 +559,47 @@ impl TickThread {
         ServerStats::set(&self.stats.resume_refusals, c.resume_refusals);
         ServerStats::set(&self.stats.replaced, c.replaced);
         ServerStats::set(&self.stats.sessions_expired, c.sessions_expired);
-        ServerStats::set(
-            &self.stats.entities,
-            self.core.world().entity_count() as u64,
-        );
+        let entities = self.core.world().entity_count() as u64;
+        ServerStats::set(&self.stats.entities, entities);
+        let m = &self.metrics;
+        let k = &mut self.marks;
+        m.keyframes
+            .increment(c.keyframes.saturating_sub(k.keyframes));
+        m.deltas.increment(c.deltas.saturating_sub(k.deltas));
+        m.chat_messages
+            .increment(c.chat_lines.saturating_sub(k.chat));
+        m.join_refusals
+            .increment(c.refusals.saturating_sub(k.refusals));
+        m.inputs_late.increment(ic.late.saturating_sub(k.late));
+        m.inputs_missing
+            .increment(ic.missing.saturating_sub(k.missing));
+        *k = Marks {
+            keyframes: c.keyframes,
+            deltas: c.deltas,
+            chat: c.chat_lines,
+            refusals: c.refusals,
+            late: ic.late,
+            missing: ic.missing,
+        };
+        m.players.set(self.core.player_count() as f64);
+        m.entities.set(entities as f64);
+        let tick = self.core.world().tick();
+        if tick.0.is_multiple_of(15) {
+            if let Ok(mut ps) = self.published.players.lock() {
+                ps.clear();
+                ps.extend(
+                    self.core
+                        .player_acks()
+                        .map(|(conn, info, acked)| PlayerStatus {
+                            conn,
+                            id: info.id,
+                            name: info.name.clone(),
+                            avatar: info.avatar.index,
+                            baseline_age_ticks: acked.map(|a| tick.diff(a)),
+                        }),
+                );
+            }
+        }
         if let Ok(mut r) = self.published.recent.lock() {
             let s = self.core.current_snapshot();
             if r.len() >= PUBLISHED_SNAPSHOTS {

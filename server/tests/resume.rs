@@ -109,10 +109,17 @@ async fn a_5s_blackout_every_bot_resumes_from_its_baseline_and_no_chat_is_lost()
         );
         eprintln!("{}", serde_json::to_string(&report).unwrap());
         assert_eq!(report.bots_connected, 8);
-        assert_eq!(report.bots_connected_at_end, 8, "{:?}", report.close_reasons);
+        assert_eq!(
+            report.bots_connected_at_end, 8,
+            "{:?}",
+            report.close_reasons
+        );
         assert_eq!(report.resumes, 8, "every bot resumed once");
         assert_eq!(report.rejoins, 0, "nobody had to join afresh");
-        assert_eq!(report.resume_keyframes, 0, "deltas continued from the held baselines");
+        assert_eq!(
+            report.resume_keyframes, 0,
+            "deltas continued from the held baselines"
+        );
         assert_eq!(report.missing_baseline, 0, "every delta found its baseline");
         assert!(report.reconnect_attempts >= 8);
         assert!(report.chat_sent >= 50, "bots chatted: {}", report.chat_sent);
@@ -241,13 +248,19 @@ async fn a_vanished_client_leaves_presence_and_world_within_the_idle_timeout() {
         // The client vanishes: not a packet more, no close.
         link_a.blackout(true);
         let t = Instant::now();
-        eventually("watcher sees the ghost leave", Duration::from_secs(6), || {
-            b.roster().len() == 1
-        })
+        eventually(
+            "watcher sees the ghost leave",
+            Duration::from_secs(6),
+            || b.roster().len() == 1,
+        )
         .await;
         let left_after = t.elapsed();
         assert!(!in_world(&server), "its avatar left the world");
-        assert_eq!(stats.snapshot().players_parked, 1, "its session waits for a resume");
+        assert_eq!(
+            stats.snapshot().players_parked,
+            1,
+            "its session waits for a resume"
+        );
         eprintln!("vanished client left presence after {left_after:?} (idle timeout 2 s)");
         assert!(left_after < Duration::from_millis(2000 + 1500));
         eventually("grace window passes", Duration::from_secs(6), || {

@@ -357,7 +357,9 @@ impl Lobby {
     ) -> Option<(ChatScope, Vec<u32>)> {
         let scope = self.scope_of(id, channel).ok()?;
         let m = self.members.get_mut(&id)?;
-        if m.typed.is_some_and(|t| now.saturating_sub(t) < TYPING_INTERVAL) {
+        if m.typed
+            .is_some_and(|t| now.saturating_sub(t) < TYPING_INTERVAL)
+        {
             return None;
         }
         m.typed = Some(now);
@@ -371,8 +373,7 @@ impl Lobby {
             .members
             .get_mut(&id)
             .ok_or(PresenceOutcome::UnknownPlayer)?;
-        if m
-            .presence_changed
+        if m.presence_changed
             .is_some_and(|t| now.saturating_sub(t) < PRESENCE_INTERVAL)
         {
             return Err(PresenceOutcome::TooFast);
@@ -529,7 +530,10 @@ mod tests {
         assert_eq!(l.check_join(PROTOCOL_VERSION, "a"), Ok(()));
         let a = l.join("a", AV).id;
         l.set_online(a, false);
-        assert!(l.roster().is_empty(), "offline members are not in the roster");
+        assert!(
+            l.roster().is_empty(),
+            "offline members are not in the roster"
+        );
         assert_eq!(
             l.check_join(PROTOCOL_VERSION, "b"),
             Err(RefuseReason::ServerFull),
@@ -621,7 +625,10 @@ mod tests {
         }
         let (lines, truncated) = l.replay(b, 1);
         assert!(truncated, "global lines 2 and 3 were evicted");
-        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(
+            lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
         assert!(!l.replay(b, 3).1, "nothing after the cursor was evicted");
     }
 
@@ -654,9 +661,13 @@ mod tests {
             PresenceOutcome::BadRoom,
             "room names follow the name rules"
         );
-        let (scope, to) = l.typing(a, &Channel::Global, T0).unwrap_or((ChatScope::Global, vec![]));
+        let (scope, to) = l
+            .typing(a, &Channel::Global, T0)
+            .unwrap_or((ChatScope::Global, vec![]));
         assert_eq!((scope, to), (ChatScope::Global, vec![b]));
-        assert!(l.typing(a, &Channel::Global, Duration::from_millis(500)).is_none());
+        assert!(l
+            .typing(a, &Channel::Global, Duration::from_millis(500))
+            .is_none());
         assert!(l.typing(a, &Channel::Global, TYPING_INTERVAL).is_some());
         assert_eq!(l.roster()[0].state, PresenceState::Away);
     }
@@ -684,6 +695,10 @@ mod tests {
         ));
         l.leave(ids[0]);
         l.leave(ids[MAX_ROOMS]);
-        assert_eq!(l.room_count(), MAX_ROOMS - 1, "r0 went with its last member");
+        assert_eq!(
+            l.room_count(),
+            MAX_ROOMS - 1,
+            "r0 went with its last member"
+        );
     }
 }

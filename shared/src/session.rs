@@ -256,7 +256,10 @@ mod tests {
             Some(Tick(7)),
             "evicted from the 8-tick ring, but the acked view is kept"
         );
-        assert!(s.baseline(Tick(21), 10).is_none(), "older than max_age: keyframe");
+        assert!(
+            s.baseline(Tick(21), 10).is_none(),
+            "older than max_age: keyframe"
+        );
     }
 
     fn sent(s: &mut ServerSession, range: std::ops::RangeInclusive<u32>) {
