@@ -906,6 +906,17 @@ async fn supervise(shared: Arc<Shared>, target: Target, first: Joined) {
             return;
         };
         tracing::debug!(%reason, "connection lost; reconnecting");
+        let restart = matches!(&end, End::Closed(quinn::ConnectionError::ApplicationClosed(a))
+        if matches!(
+            u32::try_from(a.error_code.into_inner()).unwrap_or(u32::MAX),
+            close::SHUTDOWN | close::INTERNAL_ERROR
+        ));
+        if restart {
+            // The server is going away (perhaps restarting): spread the returns of all its clients.
+            shared.set_state(ConnectionState::Reconnecting { attempt: 0 });
+            let wait = backoff.policy().restart_delay(next_random(&mut rng));
+            tokio::time::sleep(wait).await;
+        }
         match reconnect(&shared, &target, backoff, &mut rng).await {
             Ok(j) => {
                 backoff.reset();
@@ -955,8 +966,14 @@ async fn reconnect(
     rng: &mut u64,
 ) -> Result<Joined, String> {
     let mut resume = true;
+    let mut skip_delay = false;
     loop {
-        let Some(delay) = backoff.next_delay(shared.now(), next_random(rng)) else {
+        let delay = if std::mem::take(&mut skip_delay) {
+            Some(Duration::ZERO)
+        } else {
+            backoff.next_delay(shared.now(), next_random(rng))
+        };
+        let Some(delay) = delay else {
             return Err(format!(
                 "gave up reconnecting after {} attempts",
                 backoff.attempts()
@@ -1006,10 +1023,13 @@ async fn reconnect(
             }
             Ok(Err(ConnectError::Refused { reason, detail })) => match reason {
                 RefuseReason::ResumeUnknown if resume => {
-                    // The session is gone (grace passed, server restarted): join afresh, now.
+                    // The session is gone (grace passed, server restarted): join afresh, at once
+                    // (the same attempt, in effect).
                     tracing::debug!(%detail, "resume refused; joining afresh");
                     resume = false;
                     backoff.reset();
+                    skip_delay = true;
+                    continue;
                 }
                 RefuseReason::ServerFull | RefuseReason::ShuttingDown => {}
                 RefuseReason::TokenRequired

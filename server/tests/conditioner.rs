@@ -47,9 +47,18 @@ async fn join(
     imp: Impairment,
     name: &str,
 ) -> (quinn::Endpoint, Conditioner, Client, Duration) {
+    join_with(server, imp, name, quicktick_bot::ClientOptions::default()).await
+}
+
+async fn join_with(
+    server: &TestServer,
+    imp: Impairment,
+    name: &str,
+    opts: quicktick_bot::ClientOptions,
+) -> (quinn::Endpoint, Conditioner, Client, Duration) {
     let (ep, link) = conditioned_endpoint_with_handle(bind(), &server.trust, imp).unwrap();
     let t = Instant::now();
-    let client = Client::connect(&ep, server.addr, "localhost", name)
+    let client = Client::connect_with(&ep, server.addr, "localhost", name, opts)
         .await
         .unwrap();
     (ep, link, client, t.elapsed())
@@ -241,7 +250,13 @@ async fn a_short_blackout_stops_everything_and_the_connection_survives_it() {
     bounded(async {
         let server = start(test_config());
         let imp = Impairment::symmetric(link_of(10), 21);
-        let (ep, link, client, _) = join(&server, imp, "tunnel").await;
+        // QUIC itself must carry the connection through (no resume: the client does not give up on
+        // a silent path for 20 s here).
+        let opts = quicktick_bot::ClientOptions {
+            dead_after: Duration::from_secs(20),
+            ..quicktick_bot::ClientOptions::default()
+        };
+        let (ep, link, client, _) = join_with(&server, imp, "tunnel", opts).await;
         let id = client.connection().stable_id();
         assert!(snapshots_during(&client, Duration::from_millis(500)).await > 15);
 

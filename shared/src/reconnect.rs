@@ -22,6 +22,10 @@ pub struct BackoffPolicy {
     pub max_attempts: Option<u32>,
     /// Give up once this long has passed since the first attempt (`None`: no limit by time).
     pub give_up_after: Option<Duration>,
+    /// When the server announced it is going away (shutdown, restart), wait a delay uniform in
+    /// `[0, restart_spread]` before the first attempt, so that the whole population of clients does
+    /// not come back in the same instant.
+    pub restart_spread: Duration,
 }
 
 impl Default for BackoffPolicy {
@@ -32,6 +36,7 @@ impl Default for BackoffPolicy {
             cap: Duration::from_secs(8),
             max_attempts: None,
             give_up_after: Some(Duration::from_secs(60)),
+            restart_spread: Duration::from_secs(5),
         }
     }
 }
@@ -49,6 +54,15 @@ impl BackoffPolicy {
             return Err("backoff cap must be at least the base");
         }
         Ok(())
+    }
+
+    /// The wait before the first attempt after the server announced it is going away: uniform in
+    /// `[0, restart_spread]` from `random`.
+    #[must_use]
+    pub fn restart_delay(&self, random: u64) -> Duration {
+        let span = self.restart_spread.as_nanos();
+        let r = u128::from(random) % (span + 1);
+        duration_from_nanos_saturating(r)
     }
 
     /// Upper bound of the delay before attempt `attempt` (0-based): `min(cap, base·2^attempt)`,
