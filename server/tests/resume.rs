@@ -322,8 +322,10 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
         let report = swarm.await.unwrap().unwrap();
         let back = second.server.stats().snapshot();
         eprintln!(
-            "restart: {} bots back after {:?}, rejoins {}, reconnect attempts {}, peak attempts/s {}",
-            back.players,
+            "restart: {} bots back (server saw {} joins) by {:?} after the restart, rejoins {}, \
+             reconnect attempts {}, peak attempts/s {}",
+            report.bots_connected_at_end,
+            back.connections_accepted,
             restart_at.elapsed(),
             report.rejoins,
             report.reconnect_attempts,
@@ -332,10 +334,12 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
         assert_eq!(report.bots_connected_at_end, 100, "{:?}", report.close_reasons);
         assert_eq!(report.rejoins, 100, "the new server had no sessions: all joined afresh");
         assert_eq!(report.resumes, 0);
-        // Full jitter spreads the herd: never all 100 (plus their resume-then-hello pairs) in one
-        // second.
+        // The restart spread (5 s) and full jitter spread the herd: each bot makes a resume and a
+        // hello attempt (plus retries while the old server is still closing), ≥ 200 attempts in all,
+        // which without the spread would land within a fraction of a second.
+        assert!(report.reconnect_attempts >= 200);
         assert!(
-            report.peak_attempts_per_s < 100,
+            report.peak_attempts_per_s < 150,
             "peak {} attempts/s",
             report.peak_attempts_per_s
         );
