@@ -19,5 +19,5 @@ pub mod lobby;
 pub mod report;
 pub mod swarm;
 
-pub use client::{Client, ClientOptions, ClientStats, ConnectError};
+pub use client::{Client, ClientOptions, ClientStats, CloseInfo, ConnectError, DrainNotice};
 pub use endpoint::{client_endpoint, load_trust};

@@ -56,6 +56,10 @@ pub struct ServerConfig {
     pub auth: AuthMode,
     /// File holding the hex token secret (≥ 32 bytes); needed for `required` and for `token`.
     pub auth_secret_file: Option<PathBuf>,
+    /// Graceful drain on SIGTERM/SIGINT/`--duration`, seconds (0..=3600): new connections are
+    /// refused, players are told, the match goes on until they leave or this passes; then the rest
+    /// are closed.
+    pub drain_secs: u32,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             lag_comp_ms: 200,
             auth: AuthMode::Auto,
             auth_secret_file: None,
+            drain_secs: 10,
             start_tick: 0,
         }
     }
@@ -202,6 +207,9 @@ impl ServerConfig {
                 self.max_pending_handshakes
             );
         }
+        if self.drain_secs > 3600 {
+            bail!("drain_secs must be at most 3600 (got {})", self.drain_secs);
+        }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");
         }
@@ -276,6 +284,10 @@ mod tests {
             },
             ServerConfig {
                 datagram_send_buffer: 0,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                drain_secs: 3601,
                 ..ServerConfig::default()
             },
         ] {

@@ -50,6 +50,10 @@ struct Args {
     /// Stop gracefully after this many seconds [default: run until SIGINT/SIGTERM]
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+    /// On SIGTERM/SIGINT/--duration: refuse new connections, tell players, and keep the match
+    /// running up to this long while they leave, 0..=3600 [default: 10]
+    #[arg(long, value_name = "SECS")]
+    drain_secs: Option<u32>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -151,6 +155,9 @@ fn real_main() -> anyhow::Result<()> {
     if let Some(n) = args.npcs {
         cfg.npc_count = n;
     }
+    if let Some(d) = args.drain_secs {
+        cfg.drain_secs = d;
+    }
     cfg.validate()?;
     let map = cfg.load_map()?;
     let cert = match (&args.cert, &args.key) {
@@ -192,11 +199,15 @@ fn real_main() -> anyhow::Result<()> {
                 }
             };
             tokio::select! {
-                _ = duration => tracing::info!("--duration reached: shutting down"),
-                _ = signal() => tracing::info!("signal received: shutting down"),
+                _ = duration => tracing::info!("--duration reached: draining"),
+                _ = signal() => tracing::info!("signal received: draining (a second signal cuts it short)"),
             }
         };
-        let s = quicktick_server::run(endpoint, cfg, map, stop).await?;
+        let hurry = async {
+            signal().await;
+            tracing::info!("second signal: ending the drain now");
+        };
+        let s = quicktick_server::run_with_hurry(endpoint, cfg, map, stop, hurry).await?;
         tracing::info!(
             ticks = s.ticks,
             late_ticks = s.late_ticks,

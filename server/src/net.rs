@@ -68,29 +68,30 @@ pub(crate) struct NetCtx {
     pub pending: Arc<tokio::sync::Semaphore>,
 }
 
-/// Accepts connections until `stop` flips; each one runs in its own task.
+/// Accepts connections until the endpoint closes; each one runs in its own task. Once `draining`
+/// flips to true every new connection attempt is refused at the QUIC level (`CONNECTION_REFUSED`,
+/// before any TLS work) while the connections already open keep being served.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: Arc<NetCtx>,
-    mut stop: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            inc = endpoint.accept() => match inc {
-                Some(incoming) => match ctx.pending.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move { connection(incoming, ctx, permit).await });
-                    }
-                    Err(_) => {
-                        // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
-                        ServerStats::add(&ctx.stats.handshakes_refused, 1);
-                        incoming.refuse();
-                    }
-                },
-                None => break,
-            },
-            _ = stop.changed() => break,
+    while let Some(incoming) = endpoint.accept().await {
+        if *draining.borrow() {
+            ServerStats::add(&ctx.stats.drain_refused, 1);
+            incoming.refuse();
+            continue;
+        }
+        match ctx.pending.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { connection(incoming, ctx, permit).await });
+            }
+            Err(_) => {
+                // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
+                ServerStats::add(&ctx.stats.handshakes_refused, 1);
+                incoming.refuse();
+            }
         }
     }
 }

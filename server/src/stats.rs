@@ -48,6 +48,8 @@ counters! {
     handshake_failures,
     /// Connections refused because `max_pending_handshakes` were already pending.
     handshakes_refused,
+    /// Connection attempts refused because the server was draining.
+    drain_refused,
     /// Joins refused.
     refusals,
     /// Input datagrams accepted.

@@ -66,6 +66,13 @@ pub(crate) enum Control {
         /// Why.
         reason: LeaveReason,
     },
+    /// Start draining: refuse joins, tell every player why and for how long the match goes on.
+    Drain {
+        /// Why, for the players.
+        reason: String,
+        /// Most milliseconds until the server closes the connections.
+        drain_ms: u32,
+    },
 }
 
 /// State the tick thread publishes for observers (tests, status).
@@ -217,6 +224,15 @@ impl TickThread {
             Control::Gone { conn, reason } => {
                 self.links.remove(&conn);
                 CoreEvent::Gone { conn, reason }
+            }
+            Control::Drain { reason, drain_ms } => {
+                tracing::info!(
+                    drain_ms,
+                    players = self.core.player_count(),
+                    "draining: {reason}"
+                );
+                self.core.begin_drain(&reason, drain_ms, &mut self.out);
+                return;
             }
         };
         self.core.handle(ev, &mut self.out);

@@ -303,6 +303,14 @@ pub enum ServerMsg {
         /// Human-readable detail.
         detail: String,
     },
+    /// The server is draining (shutting down): it accepts no new players and keeps the match running
+    /// for at most `drain_ms`, then closes every connection with [`close::SHUTDOWN`]. Sent once.
+    Draining {
+        /// Why (for the player), e.g. "server shutting down for maintenance".
+        reason: String,
+        /// Most milliseconds until the server closes the connection.
+        drain_ms: u32,
+    },
 }
 
 /// Encodes one stream message as a frame: 2-byte big-endian length, then the payload.
@@ -512,6 +520,20 @@ mod tests {
         }
         assert_eq!(got, msgs);
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn draining_round_trips_as_the_last_variant() {
+        let m = ServerMsg::Draining {
+            reason: "server shutting down".into(),
+            drain_ms: 10_000,
+        };
+        let frame = encode_frame(&m).unwrap_or_default();
+        // Variant index 8 (appended after `Error`), then the reason and the varint drain time.
+        assert_eq!(frame.get(2), Some(&8));
+        let mut dec = FrameDecoder::new();
+        dec.extend(&frame);
+        assert_eq!(dec.next_msg::<ServerMsg>(), Ok(Some(m)));
     }
 
     #[test]
