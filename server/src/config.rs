@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// Most connections between their first packet and `hello`; more are refused at once.
     pub max_pending_handshakes: usize,
+    /// Most connections (open or in their handshake) from one IP address; 0 = no limit. Excess
+    /// attempts are closed with code 7 and a reason (or refused silently when far over).
+    pub max_connections_per_ip: u32,
+    /// Above this many new (unvalidated) handshakes in one second, clients must prove their address
+    /// with a QUIC Retry round trip first; 0 = always.
+    pub retry_above_handshakes_per_sec: u32,
     /// quinn datagram send buffer, bytes.
     pub datagram_send_buffer: usize,
     /// Frames queued per client before it is disconnected as a slow consumer.
@@ -81,6 +87,8 @@ impl Default for ServerConfig {
             keep_alive_ms: 2_000,
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 256,
+            max_connections_per_ip: 32,
+            retry_above_handshakes_per_sec: 100,
             datagram_send_buffer: 16 * 1024,
             outbound_queue: 1024,
             dev_cert_dir: PathBuf::from("quicktick-dev-cert"),

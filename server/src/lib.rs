@@ -30,7 +30,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,16 +102,13 @@ impl Server {
             .spawn(move || thread.run())
             .context("cannot start the tick thread")?;
         let (draining, draining_rx) = watch::channel(false);
-        let cfg_pending = cfg.max_pending_handshakes;
         let drain = Duration::from_secs(u64::from(cfg.drain_secs));
-        let ctx = Arc::new(net::NetCtx {
+        let ctx = Arc::new(net::NetCtx::new(
             cfg,
-            stats: stats.clone(),
-            control: control_tx.clone(),
-            inputs: input_tx,
-            next_conn: AtomicU64::new(1),
-            pending: Arc::new(tokio::sync::Semaphore::new(cfg_pending)),
-        });
+            stats.clone(),
+            control_tx.clone(),
+            input_tx,
+        ));
         let accept_task = tokio::spawn(net::accept_loop(endpoint.clone(), ctx, draining_rx));
         Ok(Self {
             endpoint,

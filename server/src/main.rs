@@ -37,6 +37,9 @@ struct Args {
     /// Most players at once [default: 64]
     #[arg(long)]
     max_players: Option<usize>,
+    /// Most connections from one IP address, 0 = no limit [default: 32]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<u32>,
     /// NPC entities in the world [default: 200]
     #[arg(long)]
     npcs: Option<usize>,
@@ -154,6 +157,9 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.npcs {
         cfg.npc_count = n;
+    }
+    if let Some(n) = args.max_connections_per_ip {
+        cfg.max_connections_per_ip = n;
     }
     if let Some(d) = args.drain_secs {
         cfg.drain_secs = d;

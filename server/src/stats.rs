@@ -50,6 +50,10 @@ counters! {
     handshakes_refused,
     /// Connection attempts refused because the server was draining.
     drain_refused,
+    /// QUIC Retry packets sent (address validation, above `retry_above_handshakes_per_sec`).
+    retries_sent,
+    /// Connection attempts refused because their IP address had `max_connections_per_ip` already.
+    per_ip_refused,
     /// Joins refused.
     refusals,
     /// Input datagrams accepted.

@@ -417,6 +417,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u32 = 5;
     /// The server hit an internal error (its simulation stopped); reconnect later.
     pub const INTERNAL_ERROR: u32 = 6;
+    /// The client's IP address already has `max_connections_per_ip` connections open or opening.
+    pub const TOO_MANY_CONNECTIONS: u32 = 7;
 }
 
 #[cfg(test)]
