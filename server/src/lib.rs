@@ -11,6 +11,8 @@
 //! - `tick_loop`: the dedicated tick thread: schedule, queues, executing the core's outputs.
 //! - [`net`]: endpoint, accept loop, per-connection tasks.
 //! - [`stats`]: lock-free counters.
+//! - [`agones`]: health settings shared with the manifest; with feature `agones` the SDK lifecycle (Ready, health from the tick loop, player
+//!   tracking, state label, Shutdown).
 
 // Tests may unwrap and index; library code may not (checked by the non-test build).
 #![cfg_attr(
@@ -18,6 +20,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod agones;
 pub mod auth;
 pub mod config;
 pub mod core;
@@ -30,7 +33,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +65,8 @@ pub struct Server {
     control: mpsc::Sender<tick_loop::Control>,
     /// `drain_secs` from the config: how long [`run`] lets the match go on after the stop signal.
     drain: Duration,
+    /// The tick thread's debug stall request (see [`TickStall`]).
+    stall_ms: Arc<AtomicU64>,
     tick_thread: Option<std::thread::JoinHandle<()>>,
     accept_task: tokio::task::JoinHandle<()>,
 }
@@ -76,6 +81,7 @@ impl Server {
         let stop_tick = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let stall_ms = Arc::new(AtomicU64::new(0));
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
         let mut core = core::ServerCore::new(cfg.clone(), map);
         if cfg.effective_auth() == config::AuthMode::Required {
@@ -93,6 +99,7 @@ impl Server {
             published: published.clone(),
             stop: stop_tick.clone(),
             failed: failed.clone(),
+            stall_ms: stall_ms.clone(),
             tick_rate: cfg.tick_rate,
             max_catchup: cfg.max_catchup_ticks,
             out: Vec::new(),
@@ -119,6 +126,7 @@ impl Server {
             draining,
             control: control_tx,
             drain,
+            stall_ms,
             tick_thread: Some(tick_thread),
             accept_task,
         })
@@ -152,6 +160,14 @@ impl Server {
         while !self.failed() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A handle that makes the tick thread stall (tests of health reporting). Only code in this
+    /// process can use it; nothing on the network reaches it.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn tick_stall(&self) -> TickStall {
+        TickStall(self.stall_ms.clone())
     }
 
     /// The configured drain time (`drain_secs`).
@@ -251,6 +267,19 @@ impl Server {
     }
 }
 
+/// Test/debug hook: makes the tick thread sleep before its next tick, as a stuck simulation would.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct TickStall(Arc<AtomicU64>);
+
+impl TickStall {
+    /// The next tick starts only after sleeping `d` (then the catch-up bound applies).
+    pub fn stall_next_tick(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.0.store(ms, Ordering::Release);
+    }
+}
+
 /// The part of a drain kept for delivering the closes: `min(drain / 4, 1 s)`.
 #[must_use]
 pub fn close_reserve(drain: Duration) -> Duration {
@@ -285,7 +314,21 @@ pub async fn run_with_hurry(
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
 ) -> anyhow::Result<StatsSnapshot> {
-    let server = Server::start(endpoint, cfg, map)?;
+    serve(Server::start(endpoint, cfg, map)?, shutdown, hurry).await
+}
+
+/// Serves a started server until `shutdown` completes (or the tick thread fails), then drains for
+/// `drain_secs` ([`Server::drain_and_shutdown`]). With the `agones` feature, under Agones (the
+/// `AGONES_SDK_GRPC_PORT` variable set), the server also reports its lifecycle to the SDK sidecar:
+/// `Ready` now, health while the tick loop advances, players, the `quicktick.state` label, and
+/// `Shutdown` after the drain.
+pub async fn serve(
+    server: Server,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> anyhow::Result<StatsSnapshot> {
+    #[cfg(feature = "agones")]
+    let mut lifecycle = agones::Lifecycle::start_if_configured(&server).await?;
     let failed = tokio::select! {
         () = shutdown => false,
         () = server.wait_failed() => true,
@@ -295,7 +338,15 @@ pub async fn run_with_hurry(
     } else {
         server.drain_time()
     };
+    #[cfg(feature = "agones")]
+    if let Some(l) = &mut lifecycle {
+        l.draining().await;
+    }
     let stats = server.drain_and_shutdown(drain, hurry).await;
+    #[cfg(feature = "agones")]
+    if let Some(l) = lifecycle {
+        l.shutdown().await;
+    }
     if failed {
         anyhow::bail!("the tick thread failed (see the log); every client was closed with code 6");
     }

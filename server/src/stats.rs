@@ -54,6 +54,8 @@ counters! {
     retries_sent,
     /// Connection attempts refused because their IP address had `max_connections_per_ip` already.
     per_ip_refused,
+    /// Health pings sent to the Agones SDK (feature `agones`; only while the tick loop advances).
+    health_pings,
     /// Joins refused.
     refusals,
     /// Input datagrams accepted.

@@ -3,7 +3,7 @@
 //! executes the core's outputs without ever awaiting the network.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,8 @@ pub(crate) struct TickThread {
     pub stop: Arc<AtomicBool>,
     /// Set when the tick thread died of a panic (the server must stop).
     pub failed: Arc<AtomicBool>,
+    /// Test/debug hook ([`crate::TickStall`]): milliseconds the next tick sleeps before running.
+    pub stall_ms: Arc<AtomicU64>,
     pub tick_rate: u32,
     pub max_catchup: u32,
     pub out: Vec<CoreOutput>,
@@ -146,6 +148,14 @@ impl TickThread {
             if self.stop.load(Ordering::Acquire) {
                 self.shutdown();
                 return;
+            }
+            let stall = self.stall_ms.swap(0, Ordering::AcqRel);
+            if stall > 0 {
+                tracing::warn!(
+                    stall_ms = stall,
+                    "tick thread stalled on purpose (debug hook)"
+                );
+                std::thread::sleep(Duration::from_millis(stall));
             }
             let tick = std::panic::AssertUnwindSafe(|| self.tick_once());
             if let Err(panic) = std::panic::catch_unwind(tick) {
