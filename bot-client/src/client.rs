@@ -142,6 +142,64 @@ impl Default for ClientOptions {
     }
 }
 
+/// The server's `Draining` notice: it is shutting down and will close this connection within
+/// `drain`; the match goes on until then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainNotice {
+    /// Why, in the server's words.
+    pub reason: String,
+    /// Most time until the server closes the connection.
+    pub drain: Duration,
+    /// When the notice arrived.
+    pub received_at: Instant,
+}
+
+/// How a connection ended, from [`Client::close_info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The server closed it on purpose for shutdown ([`close::SHUTDOWN`]) or this client quit
+    /// ([`close::QUIT`]): nothing was lost. Timeouts, resets, protocol violations, slow-consumer
+    /// kicks and internal errors are not clean.
+    pub clean: bool,
+    /// True when the server (not this client) closed it with an application close.
+    pub by_server: bool,
+    /// The application close code, for application closes.
+    pub code: Option<u64>,
+    /// The server's close reason text for application closes (e.g. `server shutting down`), this
+    /// client's own reason for local closes, otherwise quinn's description (e.g. `timed out`).
+    pub reason: String,
+}
+
+impl CloseInfo {
+    /// Classifies a quinn connection error.
+    #[must_use]
+    pub fn from_error(e: &quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                let code = c.error_code.into_inner();
+                Self {
+                    clean: code == u64::from(close::SHUTDOWN) || code == u64::from(close::QUIT),
+                    by_server: true,
+                    code: Some(code),
+                    reason: String::from_utf8_lossy(&c.reason).into_owned(),
+                }
+            }
+            quinn::ConnectionError::LocallyClosed => Self {
+                clean: true,
+                by_server: false,
+                code: Some(u64::from(close::QUIT)),
+                reason: "closed by this client".into(),
+            },
+            other => Self {
+                clean: false,
+                by_server: false,
+                code: None,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
 /// A snapshot of a client's counters.
 #[derive(Debug, Clone)]
 pub struct ClientStats {
@@ -223,6 +281,10 @@ pub struct ClientStats {
     pub token_refusals: u64,
     /// Times the link went silent past [`ClientOptions::degraded_after`].
     pub degraded: u64,
+    /// The server's drain notice, if one arrived.
+    pub drain_notice: Option<DrainNotice>,
+    /// How the connection ended, once it has.
+    pub closed: Option<CloseInfo>,
 }
 
 /// The movement, aim and buttons held until changed, sent every tick.
@@ -372,6 +434,8 @@ struct Shared {
     closing: AtomicBool,
     /// I/O counters.
     io: IoCounters,
+    /// The server's drain notice, once received.
+    drain: Mutex<Option<DrainNotice>>,
 }
 
 impl Shared {
@@ -575,6 +639,7 @@ impl Client {
             last_close: Mutex::new(None),
             closing: AtomicBool::new(false),
             io: IoCounters::default(),
+            drain: Mutex::new(None),
         });
         let target = Target {
             endpoint: endpoint.clone(),
@@ -792,7 +857,26 @@ impl Client {
             rejoins: get(&sh.io.rejoins),
             token_refusals: get(&sh.io.token_refusals),
             degraded: get(&sh.io.degraded),
+            drain_notice: lock(&sh.drain).clone(),
+            closed: self.close_info(),
         }
+    }
+
+    /// The server's drain notice (it is shutting down and will close this connection soon), if one
+    /// arrived. A game would tell the player and, typically, find another server.
+    #[must_use]
+    pub fn drain_notice(&self) -> Option<DrainNotice> {
+        lock(&self.inner.shared.drain).clone()
+    }
+
+    /// How the connection ended (clean or not, who closed it, code and reason), once closed.
+    #[must_use]
+    pub fn close_info(&self) -> Option<CloseInfo> {
+        self.inner
+            .shared
+            .conn()
+            .close_reason()
+            .map(|e| CloseInfo::from_error(&e))
     }
 
     /// True while a connection is up (false while reconnecting and once lost or closed).
@@ -1194,6 +1278,7 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::Resumed(_) => "resumed",
         ServerMsg::Presence { .. } => "presence",
         ServerMsg::Typing { .. } => "typing",
+        ServerMsg::Draining { .. } => "draining",
     }
 }
 
@@ -1327,6 +1412,14 @@ async fn stream_reader(
                             bump(&shared.io.chat_dropped_by_server, settled as u64);
                         }
                         _ => {}
+                    }
+                    if let ServerMsg::Draining { reason, drain_ms } = &msg {
+                        tracing::info!(%reason, drain_ms, "the server is draining");
+                        *lock(&shared.drain) = Some(DrainNotice {
+                            reason: reason.clone(),
+                            drain: Duration::from_millis(u64::from(*drain_ms)),
+                            received_at: Instant::now(),
+                        });
                     }
                     lock(&shared.lobby).handle(msg);
                 }

@@ -22,6 +22,6 @@ pub mod migrate;
 pub mod report;
 pub mod swarm;
 
-pub use client::{Client, ClientOptions, ClientStats, ConnectError};
+pub use client::{Client, ClientOptions, ClientStats, CloseInfo, ConnectError, DrainNotice};
 pub use endpoint::{client_endpoint, load_trust};
 pub use migrate::rebind_endpoint;

@@ -197,6 +197,8 @@ impl LobbyView {
                 self.counters.server_errors += 1;
                 tracing::warn!(?code, %detail, "server reported an error");
             }
+            // Kept by the client itself (`Client::drain_notice`).
+            ServerMsg::Draining { .. } => {}
             ServerMsg::Welcome(_) | ServerMsg::Refused { .. } => {
                 self.counters.unexpected += 1;
                 tracing::warn!("unexpected welcome/refused after joining");

@@ -1,7 +1,7 @@
 //! The swarm's end-of-run report (written as pretty JSON) and the pure computations behind it:
 //! aggregation of per-bot stats, the presence check and the chat-delivery check.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -188,6 +188,17 @@ pub struct Report {
     pub chat_resent: u64,
     /// Joins or re-joins refused because of the connect token.
     pub token_refusals: u64,
+    /// Bots whose connection ended cleanly before the swarm closed them: the server closed it on
+    /// purpose for shutdown (code 1), after its drain.
+    #[serde(default)]
+    pub clean_closes: u64,
+    /// Per close reason (the server's reason text, or quinn's words for timeouts and resets), how
+    /// many bots' connections ended with it before the swarm closed them.
+    #[serde(default)]
+    pub close_reason_counts: BTreeMap<String, u64>,
+    /// Bots that received the server's `Draining` notice.
+    #[serde(default)]
+    pub drain_notices: u64,
 }
 
 /// What is known about one bot that connected, at the end of the run.
@@ -302,6 +313,11 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         r.chat_replayed += s.chat_replayed;
         r.chat_resent += s.chat_resent;
         r.token_refusals += s.token_refusals;
+        r.drain_notices += u64::from(s.drain_notice.is_some());
+        if let (false, Some(c)) = (b.connected_at_end, &s.closed) {
+            r.clean_closes += u64::from(c.clean);
+            *r.close_reason_counts.entry(c.reason.clone()).or_default() += 1;
+        }
         for (acc, h) in [
             (&mut lat, &s.input_to_snapshot_us),
             (&mut perr, &s.prediction_error_uu),
@@ -561,6 +577,8 @@ mod tests {
             rejoins: 0,
             token_refusals: 0,
             degraded: 1,
+            drain_notice: None,
+            closed: None,
         }
     }
 
@@ -573,7 +591,20 @@ mod tests {
                 connected_at_end: true,
             },
             BotOutcome {
-                stats: stats(50, 900, &[3000]),
+                stats: ClientStats {
+                    drain_notice: Some(crate::client::DrainNotice {
+                        reason: "server shutting down".into(),
+                        drain: Duration::from_secs(10),
+                        received_at: std::time::Instant::now(),
+                    }),
+                    closed: Some(crate::client::CloseInfo {
+                        clean: true,
+                        by_server: true,
+                        code: Some(1),
+                        reason: "server shutting down".into(),
+                    }),
+                    ..stats(50, 900, &[3000])
+                },
                 connected_for: Duration::from_secs(10),
                 connected_at_end: false,
             },
@@ -625,6 +656,11 @@ mod tests {
         assert_eq!(r.connect_errors, 2);
         assert_eq!(r.connect_error_messages, ["refused"]);
         assert_eq!(r.close_reasons, ["b", "timed out"]);
+        assert_eq!((r.clean_closes, r.drain_notices), (1, 1));
+        assert_eq!(
+            r.close_reason_counts,
+            BTreeMap::from([("server shutting down".to_owned(), 1)])
+        );
         assert_eq!(r.rtt_samples, 100);
         assert!((r.rtt_ms.p50 - 1.0).abs() < 0.02);
         assert!((r.rtt_ms.max - 3.0).abs() < 0.05);
@@ -638,6 +674,8 @@ mod tests {
             "\"p99\"",
             "\"snapshots_per_bot_per_s\"",
             "\"close_reasons\"",
+            "\"clean_closes\"",
+            "\"close_reason_counts\"",
         ] {
             assert!(json.contains(key), "{key}");
         }

@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// Most connections between their first packet and `hello`; more are refused at once.
     pub max_pending_handshakes: usize,
+    /// Most connections (open or in their handshake) from one IP address; 0 = no limit. Excess
+    /// attempts are closed with code 7 and a reason (or refused silently when far over).
+    pub max_connections_per_ip: u32,
+    /// Above this many new (unvalidated) handshakes in one second, clients must prove their address
+    /// with a QUIC Retry round trip first; 0 = always.
+    pub retry_above_handshakes_per_sec: u32,
     /// quinn datagram send buffer, bytes.
     pub datagram_send_buffer: usize,
     /// Frames queued per client before it is disconnected as a slow consumer.
@@ -64,6 +70,10 @@ pub struct ServerConfig {
     /// TCP address of the admin HTTP listener (`/metrics`, `/status`, `/events`, the dashboard `/`);
     /// `None` (the default): no listener. Port 0 picks a free port ([`crate::Server::admin_addr`]).
     pub metrics_addr: Option<SocketAddr>,
+    /// Graceful drain on SIGTERM/SIGINT/`--duration`, seconds (0..=3600): new connections are
+    /// refused, players are told, the match goes on until they leave or this passes; then the rest
+    /// are closed.
+    pub drain_secs: u32,
     /// First tick number (tests start near `u32::MAX` to cross the wrap). Not in the file.
     #[serde(skip)]
     pub start_tick: u32,
@@ -85,6 +95,8 @@ impl Default for ServerConfig {
             keep_alive_ms: 2_000,
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 256,
+            max_connections_per_ip: 32,
+            retry_above_handshakes_per_sec: 100,
             datagram_send_buffer: 16 * 1024,
             outbound_queue: 1024,
             dev_cert_dir: PathBuf::from("quicktick-dev-cert"),
@@ -97,6 +109,7 @@ impl Default for ServerConfig {
             resume_grace_ms: 30_000,
             chat_history: 256,
             metrics_addr: None,
+            drain_secs: 10,
             start_tick: 0,
         }
     }
@@ -225,6 +238,9 @@ impl ServerConfig {
                 self.chat_history
             );
         }
+        if self.drain_secs > 3600 {
+            bail!("drain_secs must be at most 3600 (got {})", self.drain_secs);
+        }
         if self.handshake_timeout_ms == 0 || self.outbound_queue == 0 {
             bail!("handshake_timeout_ms and outbound_queue must be non-zero");
         }
@@ -299,6 +315,10 @@ mod tests {
             },
             ServerConfig {
                 datagram_send_buffer: 0,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                drain_secs: 3601,
                 ..ServerConfig::default()
             },
         ] {

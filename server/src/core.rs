@@ -1083,6 +1083,24 @@ impl ServerCore {
         probe.phase_done(Phase::Encode);
     }
 
+    /// Starts draining: refuses further joins (`ShuttingDown`) and tells every player why and how long
+    /// the match goes on (`ServerMsg::Draining`). The world keeps running; [`Self::shutdown`] ends it.
+    pub fn begin_drain(&mut self, reason: &str, drain_ms: u32, out: &mut Vec<CoreOutput>) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        for c in self.players.keys() {
+            out.push(CoreOutput::Frame(
+                *c,
+                ServerMsg::Draining {
+                    reason: reason.to_owned(),
+                    drain_ms,
+                },
+            ));
+        }
+    }
+
     /// Starts shutting down: refuses further joins and closes every player with a reason.
     pub fn shutdown(&mut self, out: &mut Vec<CoreOutput>) {
         self.shutting_down = true;
@@ -1571,6 +1589,62 @@ mod tests {
             &mut out,
         );
         assert_eq!((c.parked_count(), c.lobby.len()), (0, 0));
+    }
+
+    #[test]
+    fn drain_notifies_once_and_refuses_joins() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        c.handle(
+            CoreEvent::Hello {
+                conn: 1,
+                version: PROTOCOL_VERSION,
+                name: "a".into(),
+                token: None,
+                now_unix: 0,
+            },
+            &mut out,
+        );
+        out.clear();
+        c.begin_drain("maintenance", 2000, &mut out);
+        c.begin_drain("again", 1, &mut out);
+        assert_eq!(
+            out,
+            vec![CoreOutput::Frame(
+                1,
+                ServerMsg::Draining {
+                    reason: "maintenance".into(),
+                    drain_ms: 2000
+                }
+            )]
+        );
+        out.clear();
+        c.handle(
+            CoreEvent::Hello {
+                conn: 2,
+                version: PROTOCOL_VERSION,
+                name: "b".into(),
+                token: None,
+                now_unix: 0,
+            },
+            &mut out,
+        );
+        assert!(matches!(
+            &out[0],
+            CoreOutput::Frame(
+                2,
+                ServerMsg::Refused {
+                    reason: RefuseReason::ShuttingDown,
+                    ..
+                }
+            )
+        ));
+        // The match goes on while draining.
+        let before = c.world().tick();
+        out.clear();
+        c.tick(&mut out);
+        assert!(c.world().tick().is_after(before));
+        assert_eq!(c.player_count(), 1);
     }
 
     #[test]

@@ -37,6 +37,9 @@ struct Args {
     /// Most players at once [default: 64]
     #[arg(long)]
     max_players: Option<usize>,
+    /// Most connections from one IP address, 0 = no limit [default: 32]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<u32>,
     /// NPC entities in the world [default: 200]
     #[arg(long)]
     npcs: Option<usize>,
@@ -50,6 +53,10 @@ struct Args {
     /// Stop gracefully after this many seconds [default: run until SIGINT/SIGTERM]
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+    /// On SIGTERM/SIGINT/--duration: refuse new connections, tell players, and keep the match
+    /// running up to this long while they leave, 0..=3600 [default: 10]
+    #[arg(long, value_name = "SECS")]
+    drain_secs: Option<u32>,
     /// Serve the admin HTTP listener (/metrics, /status, /events, dashboard at /) on this TCP
     /// address; `--metrics` alone means 127.0.0.1:9100 [default: off]
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9100")]
@@ -185,6 +192,12 @@ fn real_main() -> anyhow::Result<()> {
     if let Some(a) = args.metrics {
         cfg.metrics_addr = Some(a);
     }
+    if let Some(n) = args.max_connections_per_ip {
+        cfg.max_connections_per_ip = n;
+    }
+    if let Some(d) = args.drain_secs {
+        cfg.drain_secs = d;
+    }
     cfg.validate()?;
     let map = cfg.load_map()?;
     let cert = match (&args.cert, &args.key) {
@@ -226,11 +239,15 @@ fn real_main() -> anyhow::Result<()> {
                 }
             };
             tokio::select! {
-                _ = duration => tracing::info!("--duration reached: shutting down"),
-                _ = signal() => tracing::info!("signal received: shutting down"),
+                _ = duration => tracing::info!("--duration reached: draining"),
+                _ = signal() => tracing::info!("signal received: draining (a second signal cuts it short)"),
             }
         };
-        let s = quicktick_server::run(endpoint, cfg, map, stop).await?;
+        let hurry = async {
+            signal().await;
+            tracing::info!("second signal: ending the drain now");
+        };
+        let s = quicktick_server::run_with_hurry(endpoint, cfg, map, stop, hurry).await?;
         tracing::info!(
             ticks = s.ticks,
             late_ticks = s.late_ticks,

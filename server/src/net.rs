@@ -2,9 +2,10 @@
 //! with a handshake deadline), and the per-connection task that decodes hostile bytes, forwards
 //! events to the tick thread and writes the client's stream.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -73,34 +74,183 @@ pub(crate) struct NetCtx {
     pub metrics: Metrics,
     /// Each connection's status, refreshed once a second by its task.
     pub conns: Arc<ConnRegistry>,
+    /// Connections per IP address, open or in their handshake.
+    pub per_ip: Arc<PerIp>,
 }
 
-/// Accepts connections until `stop` flips; each one runs in its own task.
+impl NetCtx {
+    pub(crate) fn new(
+        cfg: ServerConfig,
+        stats: Arc<ServerStats>,
+        control: mpsc::Sender<Control>,
+        inputs: mpsc::Sender<(ConnId, InputDatagram, usize)>,
+        metrics: Metrics,
+        conns: Arc<ConnRegistry>,
+    ) -> Self {
+        Self {
+            metrics,
+            conns,
+            pending: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending_handshakes)),
+            cfg,
+            stats,
+            control,
+            inputs,
+            next_conn: AtomicU64::new(1),
+            per_ip: Arc::default(),
+        }
+    }
+}
+
+/// Connection counts by IP address (IPv4-mapped IPv6 counted as IPv4).
+#[derive(Debug, Default)]
+pub(crate) struct PerIp {
+    counts: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection counted against its IP address until dropped.
+#[derive(Debug)]
+pub(crate) struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Counts one more connection from `ip`; returns its slot and how many there were before.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> (IpSlot, u32) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(ip).or_insert(0);
+        let before = *n;
+        *n = n.saturating_add(1);
+        (
+            IpSlot {
+                per_ip: self.clone(),
+                ip,
+            },
+            before,
+        )
+    }
+
+    /// Connections from `ip` now.
+    fn count(&self, ip: IpAddr) -> u32 {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .per_ip
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// New (unvalidated) handshakes counted per one-second window, for the Retry threshold.
+#[derive(Debug)]
+struct HandshakeRate {
+    window_start: Instant,
+    count: u32,
+}
+
+impl HandshakeRate {
+    /// Counts one arrival at `now`; returns the count in the current window, this one included.
+    fn arrive(&mut self, now: Instant) -> u32 {
+        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count
+    }
+}
+
+/// Accepts connections until the endpoint closes; each one runs in its own task. In order, an
+/// incoming connection is:
+/// - refused at the QUIC level (`CONNECTION_REFUSED`, before any TLS work) once `draining` is true;
+/// - sent a QUIC Retry when it has not proven its address and more than
+///   `retry_above_handshakes_per_sec` new handshakes arrived in this one-second window (its retried
+///   attempt comes back validated and goes on);
+/// - over `max_connections_per_ip`: completed and closed with [`close::TOO_MANY_CONNECTIONS`] and a
+///   reason; refused silently when its address already has twice the limit open or in a handshake
+///   (so a flood of handshakes from one address costs no TLS work beyond the limit);
+/// - refused when `max_pending_handshakes` are already pending;
+/// - otherwise handed to its own task.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: Arc<NetCtx>,
-    mut stop: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            inc = endpoint.accept() => match inc {
-                Some(incoming) => match ctx.pending.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move { connection(incoming, ctx, permit).await });
-                    }
-                    Err(_) => {
-                        // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
-                        ServerStats::add(&ctx.stats.handshakes_refused, 1);
-                        ctx.metrics.handshakes_refused.increment(1);
-                        incoming.refuse();
-                    }
-                },
-                None => break,
-            },
-            _ = stop.changed() => break,
+    let mut rate = HandshakeRate {
+        window_start: Instant::now(),
+        count: 0,
+    };
+    let limit = ctx.cfg.max_connections_per_ip;
+    while let Some(incoming) = endpoint.accept().await {
+        if *draining.borrow() {
+            ServerStats::add(&ctx.stats.drain_refused, 1);
+            incoming.refuse();
+            continue;
+        }
+        if !incoming.remote_address_validated()
+            && rate.arrive(Instant::now()) > ctx.cfg.retry_above_handshakes_per_sec
+            && incoming.may_retry()
+        {
+            match incoming.retry() {
+                Ok(()) => ServerStats::add(&ctx.stats.retries_sent, 1),
+                Err(e) => e.into_incoming().refuse(),
+            }
+            continue;
+        }
+        let ip = incoming.remote_address().ip().to_canonical();
+        if limit > 0 && ctx.per_ip.count(ip) >= limit.saturating_mul(2) {
+            ServerStats::add(&ctx.stats.per_ip_refused, 1);
+            incoming.refuse();
+            continue;
+        }
+        let Ok(permit) = ctx.pending.clone().try_acquire_owned() else {
+            // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
+            ServerStats::add(&ctx.stats.handshakes_refused, 1);
+            ctx.metrics.handshakes_refused.increment(1);
+            incoming.refuse();
+            continue;
+        };
+        let (slot, before) = ctx.per_ip.take(ip);
+        let ctx = ctx.clone();
+        if limit > 0 && before >= limit {
+            ServerStats::add(&ctx.stats.per_ip_refused, 1);
+            tokio::spawn(async move { too_many(incoming, &ctx, ip, slot, permit).await });
+        } else {
+            tokio::spawn(async move { connection(incoming, ctx, permit, slot).await });
         }
     }
+}
+
+/// Completes the handshake of a connection over the per-IP limit only to close it with a reason.
+async fn too_many(
+    incoming: quinn::Incoming,
+    ctx: &NetCtx,
+    ip: IpAddr,
+    slot: IpSlot,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
+    if let Ok(Ok(conn)) = timeout_at(deadline, incoming).await {
+        let reason = format!(
+            "too many connections from {ip} (limit {})",
+            ctx.cfg.max_connections_per_ip
+        );
+        tracing::info!("refused: {reason}");
+        conn.close(close::TOO_MANY_CONNECTIONS.into(), reason.as_bytes());
+    }
+    drop((slot, permit));
 }
 
 fn leave_reason(e: &ConnectionError) -> LeaveReason {
@@ -138,6 +288,7 @@ async fn connection(
     incoming: quinn::Incoming,
     ctx: Arc<NetCtx>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: IpSlot,
 ) {
     let began = Instant::now();
     let deadline = began + Duration::from_millis(ctx.cfg.handshake_timeout_ms);

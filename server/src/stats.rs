@@ -51,6 +51,14 @@ counters! {
     handshake_failures,
     /// Connections refused because `max_pending_handshakes` were already pending.
     handshakes_refused,
+    /// Connection attempts refused because the server was draining.
+    drain_refused,
+    /// QUIC Retry packets sent (address validation, above `retry_above_handshakes_per_sec`).
+    retries_sent,
+    /// Connection attempts refused because their IP address had `max_connections_per_ip` already.
+    per_ip_refused,
+    /// Health pings sent to the Agones SDK (feature `agones`; only while the tick loop advances).
+    health_pings,
     /// Joins refused.
     refusals,
     /// Input datagrams accepted.

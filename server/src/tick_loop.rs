@@ -3,7 +3,7 @@
 //! executes the core's outputs without ever awaiting the network.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,13 @@ pub(crate) enum Control {
         conn: ConnId,
         /// Why.
         reason: LeaveReason,
+    },
+    /// Start draining: refuse joins, tell every player why and for how long the match goes on.
+    Drain {
+        /// Why, for the players.
+        reason: String,
+        /// Most milliseconds until the server closes the connections.
+        drain_ms: u32,
     },
 }
 
@@ -154,6 +161,8 @@ pub(crate) struct TickThread {
     pub stop: Arc<AtomicBool>,
     /// Set when the tick thread died of a panic (the server must stop).
     pub failed: Arc<AtomicBool>,
+    /// Test/debug hook ([`crate::TickStall`]): milliseconds the next tick sleeps before running.
+    pub stall_ms: Arc<AtomicU64>,
     pub tick_rate: u32,
     pub max_catchup: u32,
     pub out: Vec<CoreOutput>,
@@ -240,6 +249,14 @@ impl TickThread {
             if self.stop.load(Ordering::Acquire) {
                 self.shutdown();
                 return;
+            }
+            let stall = self.stall_ms.swap(0, Ordering::AcqRel);
+            if stall > 0 {
+                tracing::warn!(
+                    stall_ms = stall,
+                    "tick thread stalled on purpose (debug hook)"
+                );
+                std::thread::sleep(Duration::from_millis(stall));
             }
             let tick = std::panic::AssertUnwindSafe(|| self.tick_once());
             if let Err(panic) = std::panic::catch_unwind(tick) {
@@ -347,6 +364,7 @@ impl TickThread {
             Control::Join { conn, .. } => (*conn, 0),
             Control::Msg { conn, .. } => (*conn, 1),
             Control::Gone { conn, .. } => (*conn, 2),
+            Control::Drain { .. } => (0, 3),
         };
         let leaving = (what == 2).then(|| self.player_info(conn)).flatten();
         let chat_text = match &c {
@@ -418,6 +436,15 @@ impl TickThread {
             Control::Gone { conn, reason } => {
                 self.links.remove(&conn);
                 CoreEvent::Gone { conn, reason }
+            }
+            Control::Drain { reason, drain_ms } => {
+                tracing::info!(
+                    drain_ms,
+                    players = self.core.player_count(),
+                    "draining: {reason}"
+                );
+                self.core.begin_drain(&reason, drain_ms, &mut self.out);
+                return;
             }
         };
         self.core.handle(ev, &mut self.out);

@@ -285,6 +285,8 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
             max_players: 128,
             // 100 handshakes at once in a debug build on a small machine.
             handshake_timeout_ms: 15_000,
+            // Every bot comes from 127.0.0.1.
+            max_connections_per_ip: 0,
             ..test_config()
         };
         let first = start(cfg.clone());
@@ -331,8 +333,15 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
             report.reconnect_attempts,
             report.peak_attempts_per_s
         );
-        assert_eq!(report.bots_connected_at_end, 100, "{:?}", report.close_reasons);
-        assert_eq!(report.rejoins, 100, "the new server had no sessions: all joined afresh");
+        assert_eq!(
+            report.bots_connected_at_end, 100,
+            "{:?}",
+            report.close_reasons
+        );
+        assert_eq!(
+            report.rejoins, 100,
+            "the new server had no sessions: all joined afresh"
+        );
         assert_eq!(report.resumes, 0);
         // The restart spread (5 s) and full jitter spread the herd: each bot makes a resume and a
         // hello attempt (plus retries while the old server is still closing), ≥ 200 attempts in all,

@@ -443,6 +443,14 @@ pub enum ServerMsg {
         /// Where (as the recipient sees it).
         scope: ChatScope,
     },
+    /// The server is draining (shutting down): it accepts no new players and keeps the match running
+    /// for at most `drain_ms`, then closes every connection with [`close::SHUTDOWN`]. Sent once.
+    Draining {
+        /// Why (for the player), e.g. "server shutting down for maintenance".
+        reason: String,
+        /// Most milliseconds until the server closes the connection.
+        drain_ms: u32,
+    },
 }
 
 /// Encodes one stream message as a frame: 2-byte big-endian length, then the payload.
@@ -560,6 +568,8 @@ pub mod close {
     /// Sent by a client that abandons a silent path and will resume on a new connection: the server
     /// keeps the session for the grace window (unlike [`QUIT`]).
     pub const RECONNECTING: u32 = 8;
+    /// The client's IP address already has `max_connections_per_ip` connections open or opening.
+    pub const TOO_MANY_CONNECTIONS: u32 = 9;
 }
 
 #[cfg(test)]
@@ -666,6 +676,20 @@ mod tests {
         }
         assert_eq!(got, msgs);
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn draining_round_trips_as_the_last_variant() {
+        let m = ServerMsg::Draining {
+            reason: "server shutting down".into(),
+            drain_ms: 10_000,
+        };
+        let frame = encode_frame(&m).unwrap_or_default();
+        // Variant index 8 (appended after `Error`), then the reason and the varint drain time.
+        assert_eq!(frame.get(2), Some(&8));
+        let mut dec = FrameDecoder::new();
+        dec.extend(&frame);
+        assert_eq!(dec.next_msg::<ServerMsg>(), Ok(Some(m)));
     }
 
     #[test]
