@@ -108,6 +108,10 @@ pub struct ClientOptions {
     pub jitter_seed: Option<u64>,
     /// Chat lines kept unconfirmed (queued while disconnected), at most.
     pub chat_outbox: usize,
+    /// After the server drained (a `Draining` notice, then a close with `SHUTDOWN`), reconnect to
+    /// the same address in case it is restarting (default true). `false`: the state becomes
+    /// `Lost` — a game with a matchmaker then looks for another server.
+    pub reconnect_after_drain: bool,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -122,6 +126,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("dead_after", &self.dead_after)
             .field("jitter_seed", &self.jitter_seed)
             .field("chat_outbox", &self.chat_outbox)
+            .field("reconnect_after_drain", &self.reconnect_after_drain)
             .finish()
     }
 }
@@ -138,6 +143,7 @@ impl Default for ClientOptions {
             dead_after: DEAD_AFTER,
             jitter_seed: None,
             chat_outbox: CHAT_QUEUE,
+            reconnect_after_drain: true,
         }
     }
 }
@@ -432,6 +438,8 @@ struct Shared {
     last_close: Mutex<Option<String>>,
     /// Set by [`Client::close`]: do not reconnect.
     closing: AtomicBool,
+    /// A `Draining` notice arrived on the current connection.
+    drained: AtomicBool,
     /// I/O counters.
     io: IoCounters,
     /// The server's drain notice, once received.
@@ -638,6 +646,7 @@ impl Client {
             attempts: Mutex::new(Vec::new()),
             last_close: Mutex::new(None),
             closing: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
             io: IoCounters::default(),
             drain: Mutex::new(None),
         });
@@ -981,8 +990,9 @@ async fn supervise(shared: Arc<Shared>, target: Target, first: Joined) {
             return;
         }
         bump(&shared.io.connections_lost, 1);
+        let drained = shared.drained.swap(false, Ordering::Relaxed);
         let worth = match &end {
-            End::Closed(e) => resumable(e),
+            End::Closed(e) => resumable(e) && (target.options.reconnect_after_drain || !drained),
             End::Dead => true,
         };
         let Some(backoff) = backoff.as_mut().filter(|_| worth) else {
@@ -1414,6 +1424,7 @@ async fn stream_reader(
                         _ => {}
                     }
                     if let ServerMsg::Draining { reason, drain_ms } = &msg {
+                        shared.drained.store(true, Ordering::Relaxed);
                         tracing::info!(%reason, drain_ms, "the server is draining");
                         *lock(&shared.drain) = Some(DrainNotice {
                             reason: reason.clone(),

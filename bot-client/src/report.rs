@@ -380,6 +380,25 @@ pub fn presence_mismatches(
         .count() as u64
 }
 
+/// How many of `rosters` (one per bot connected at the end: the player ids it sees) differ from
+/// `connected` (the ids of the swarm's bots connected at the end), comparing only ids in `ours` (the
+/// ids this run's bots hold), so other players on the server do not count. Ids, not names: with
+/// connect tokens the server names players after their tokens.
+#[must_use]
+pub fn presence_mismatches_among<T: Ord>(
+    rosters: &[BTreeSet<T>],
+    connected: &BTreeSet<T>,
+    ours: &BTreeSet<T>,
+) -> u64 {
+    rosters
+        .iter()
+        .filter(|roster| {
+            let seen: BTreeSet<&T> = roster.iter().filter(|n| ours.contains(*n)).collect();
+            seen.len() != connected.len() || !connected.iter().all(|n| seen.contains(n))
+        })
+        .count() as u64
+}
+
 /// Chat lines that did not arrive: for every line a sender had echoed back (so the server accepted
 /// and sequenced it), every receiver (other than the sender) that joined before the line but does not
 /// have it counts once. `senders`: every bot that connected; `receivers`: the bots connected at the end.
@@ -456,6 +475,18 @@ mod tests {
         ];
         assert_eq!(presence_mismatches(&rosters, &connected, "bot-7-"), 3);
         assert_eq!(presence_mismatches(&[], &connected, "bot-7-"), 0);
+        let ids = |v: &[u32]| v.iter().copied().collect::<BTreeSet<u32>>();
+        let ours = ids(&[1, 2, 3, 4]);
+        let rosters = [
+            ids(&[1, 2, 3]),
+            ids(&[1, 2, 3, 99]),
+            ids(&[1, 2]),
+            ids(&[1, 2, 3, 4]),
+        ];
+        assert_eq!(
+            presence_mismatches_among(&rosters, &ids(&[1, 2, 3]), &ours),
+            2
+        );
     }
 
     fn receipts(me: u32, joined_after: u64, lines: &[(u64, u32, u32)]) -> ChatReceipts {

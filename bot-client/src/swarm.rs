@@ -21,8 +21,8 @@ use crate::conditioner::{conditioned_endpoint_with_handle, ConditionerStats, Imp
 use crate::endpoint::{client_endpoint, load_trust};
 use crate::migrate::rebind_endpoint;
 use crate::report::{
-    aggregate, chat_lost, chat_missing, peak_per_second, presence_mismatches, BotOutcome, Report,
-    RunFacts,
+    aggregate, chat_lost, chat_missing, peak_per_second, presence_mismatches_among, BotOutcome,
+    Report, RunFacts,
 };
 use quicktick_shared::reconnect::ConnectionState;
 
@@ -140,6 +140,10 @@ pub struct SwarmConfig {
     /// rebinding); the sessions continue without reconnecting.
     #[arg(long, value_name = "SECS", help_heading = "Link impairment")]
     pub migrate_every: Option<f64>,
+    /// After a server drain (shutdown notice, then close), keep reconnecting to the same address
+    /// in case it is restarting, instead of ending the run.
+    #[arg(long)]
+    pub rejoin_after_drain: bool,
     /// Connect tokens, one per line (`quicktick-server token`), for servers that require them: each
     /// join (and each fresh re-join) takes the next unused line.
     #[arg(long, value_name = "FILE")]
@@ -483,7 +487,12 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
 
     chaos.abort_all();
+    let token_refusals = connect_errors
+        .iter()
+        .filter(|e| e.starts_with("refused by the server (Token"))
+        .count() as u64;
     let facts = RunFacts {
+        token_refusals,
         bots_requested: cfg.bots as u64,
         duration: checked_at.duration_since(started),
         connect_errors,
@@ -553,6 +562,9 @@ fn check_end(
     let mut names = BTreeSet::new();
     let mut close_reasons = Vec::new();
     let mut attempts = Vec::new();
+    // Every player id a bot of this run holds: other players on the server are not compared.
+    let ours: BTreeSet<u32> = joined.iter().map(|(c, _)| c.player_id()).collect();
+    let _ = run_prefix;
     for (client, at) in joined {
         let up = client.is_connected();
         let stats = client.stats();
@@ -565,8 +577,8 @@ fn check_end(
         attempts.extend(client.attempt_times());
         receipts.push((up, client.chat_receipts(), unconfirmed));
         if up {
-            names.insert(client.name().to_owned());
-            rosters.push(client.roster().into_iter().map(|p| p.name).collect());
+            names.insert(client.player_id());
+            rosters.push(client.roster().into_iter().map(|p| p.id).collect());
         } else if let Some(r) = client.close_reason() {
             close_reasons.push(r);
         }
@@ -581,7 +593,7 @@ fn check_end(
     let facts = RunFacts {
         tick_rate: joined.first().map_or(0, |(c, _)| c.welcome().tick_rate),
         close_reasons,
-        presence_mismatches: presence_mismatches(&rosters, &names, run_prefix),
+        presence_mismatches: presence_mismatches_among(&rosters, &names, &ours),
         chat_missing: chat_missing(&senders, &receivers),
         chat_lost: chat_lost(&lost_senders, &receivers),
         peak_attempts_per_s: peak_per_second(&mut attempts),
@@ -607,6 +619,10 @@ async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase) {
 }
 
 /// One bot: staggered connect, then behaviour and chat until the run stops or the connection ends.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one task's inputs, each used once; a struct would only rename them"
+)]
 async fn bot(
     i: usize,
     name: String,
@@ -621,6 +637,7 @@ async fn bot(
         chat_log_limit: BOT_CHAT_LOG,
         token_source: tokens,
         jitter_seed: Some(seed),
+        reconnect_after_drain: cfg.rejoin_after_drain,
         ..ClientOptions::default()
     };
     let attempt = async {

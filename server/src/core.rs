@@ -1648,6 +1648,60 @@ mod tests {
     }
 
     #[test]
+    fn the_same_account_joining_again_takes_over_its_player() {
+        let secret = vec![7u8; 32];
+        let mut c = core(4);
+        c.require_tokens(secret.clone());
+        let tok = |nonce: u8| {
+            crate::auth::issue(
+                &secret,
+                &crate::auth::TokenBody {
+                    player_id: 42,
+                    name: "carol".into(),
+                    expires_unix: 1_000,
+                    nonce: [nonce; 16],
+                },
+            )
+        };
+        let mut out = Vec::new();
+        for (conn, nonce) in [(1, 1u8), (2, 2)] {
+            c.handle(
+                CoreEvent::Hello {
+                    conn,
+                    version: PROTOCOL_VERSION,
+                    name: "x".into(),
+                    token: Some(tok(nonce)),
+                    now_unix: 10,
+                },
+                &mut out,
+            );
+        }
+        let w = |conn| {
+            frames(&out, conn)
+                .into_iter()
+                .find_map(|m| match m {
+                    ServerMsg::Welcome(w) => Some(w),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (w1, w2) = (w(1), w(2));
+        assert_eq!(
+            (w1.player_id, w1.avatar),
+            (w2.player_id, w2.avatar),
+            "same player"
+        );
+        assert_eq!(c.player_count(), 1, "never two avatars");
+        assert_eq!(c.roster().len(), 1);
+        assert!(out.contains(&CoreOutput::CloseAfterFlush(
+            1,
+            close::REPLACED,
+            "replaced by a newer connection of this player".into()
+        )));
+        assert_eq!(c.counters.replaced, 1);
+    }
+
+    #[test]
     fn shutdown_refuses_and_closes_everyone() {
         let mut c = core(4);
         let mut out = Vec::new();

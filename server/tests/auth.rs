@@ -56,6 +56,85 @@ async fn hello(
     m
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_joins_with_one_token_per_bot_and_reports_refusals() {
+    use clap::Parser;
+    let dir = std::env::temp_dir().join(format!("qt-auth-swarm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("secret.hex");
+    let hex: String = SECRET.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&secret_file, hex).unwrap();
+    let ts = start(ServerConfig {
+        auth: AuthMode::Required,
+        auth_secret_file: Some(secret_file),
+        ..test_config()
+    });
+    // Three good tokens (distinct accounts) and one signed with another secret.
+    let mut lines: Vec<String> = (0..3u8)
+        .map(|i| {
+            issue(
+                &SECRET,
+                &TokenBody {
+                    player_id: 100 + u64::from(i),
+                    name: format!("tok{i}"),
+                    expires_unix: now() + 600,
+                    nonce: [i + 40; 16],
+                },
+            )
+        })
+        .collect();
+    lines.push(token(&[0x11; 32], "forged", now() + 600, 9));
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(&tokens, lines.join("\n")).unwrap();
+    let addr = ts.addr.to_string();
+    let cert = ts.cert_path.display().to_string();
+    let tokens_arg = tokens.display().to_string();
+    let cfg = quicktick_bot::swarm::SwarmConfig::parse_from([
+        "quicktick-bot",
+        "--server",
+        &addr,
+        "--cert",
+        &cert,
+        "--bots",
+        "4",
+        "--duration",
+        "2",
+        "--tokens-file",
+        &tokens_arg,
+    ]);
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        quicktick_bot::swarm::run(cfg, std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.bots_connected, 3);
+    assert_eq!(
+        report.token_refusals, 1,
+        "{:?}",
+        report.connect_error_messages
+    );
+    assert_eq!(report.presence_mismatches, 0);
+    // Too few tokens for the bots asked for: refused before connecting.
+    let cfg = quicktick_bot::swarm::SwarmConfig::parse_from([
+        "quicktick-bot",
+        "--server",
+        &addr,
+        "--cert",
+        &cert,
+        "--bots",
+        "5",
+        "--tokens-file",
+        &tokens_arg,
+    ]);
+    let err = quicktick_bot::swarm::run(cfg, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("4 tokens for 5 bots"), "{err}");
+    ts.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn only_signed_unexpired_unused_tokens_admit() {
     let dir = std::env::temp_dir().join(format!("qt-auth-{}", std::process::id()));

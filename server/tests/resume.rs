@@ -300,6 +300,7 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
                 "30",
                 "--chat-every-secs",
                 "0",
+                "--rejoin-after-drain",
             ],
         );
         let swarm = tokio::spawn(run(args, std::future::pending()));
@@ -319,7 +320,13 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
         let restart_at = Instant::now();
         let dir = first.cert_dir.clone();
         first.server.shutdown().await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The old endpoint releases its UDP port once its last connection task is done.
+        let mut tries = 0;
+        while std::net::UdpSocket::bind(addr).is_err() {
+            tries += 1;
+            assert!(tries < 100, "port {addr} still taken");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let second = common::start_at(cfg, addr, &dir);
         let report = swarm.await.unwrap().unwrap();
         let back = second.server.stats().snapshot();
@@ -348,9 +355,10 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
         // which without the spread would land within a fraction of a second.
         assert!(report.reconnect_attempts >= 200);
         assert!(
-            report.peak_attempts_per_s < 150,
-            "peak {} attempts/s",
-            report.peak_attempts_per_s
+            report.peak_attempts_per_s * 3 < report.reconnect_attempts,
+            "peak {} attempts/s of {}: no single second may hold a third of them",
+            report.peak_attempts_per_s,
+            report.reconnect_attempts
         );
         assert_eq!(report.presence_mismatches, 0);
         second.server.shutdown().await;

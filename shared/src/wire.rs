@@ -685,8 +685,8 @@ mod tests {
             drain_ms: 10_000,
         };
         let frame = encode_frame(&m).unwrap_or_default();
-        // Variant index 8 (appended after `Error`), then the reason and the varint drain time.
-        assert_eq!(frame.get(2), Some(&8));
+        // Variant index 11 (after `Typing`), then the reason and the varint drain time.
+        assert_eq!(frame.get(2), Some(&11));
         let mut dec = FrameDecoder::new();
         dec.extend(&frame);
         assert_eq!(dec.next_msg::<ServerMsg>(), Ok(Some(m)));
