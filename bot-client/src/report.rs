@@ -169,6 +169,9 @@ pub struct Report {
     pub reconnect_attempts: u64,
     /// Most reconnection attempts started within any one second, over all bots.
     pub peak_attempts_per_s: u64,
+    /// Most bots making their *first* reconnection attempt within any one second (how well the
+    /// restart spread and jitter spread a herd).
+    pub peak_first_attempts_per_s: u64,
     /// Sessions resumed (same player and avatar).
     pub resumes: u64,
     /// Resumes whose first snapshot was a keyframe.
@@ -233,6 +236,8 @@ pub struct RunFacts {
     pub chat_lost: u64,
     /// From [`peak_per_second`] over every bot's reconnection attempts.
     pub peak_attempts_per_s: u64,
+    /// From [`peak_per_second`] over every bot's first reconnection attempt.
+    pub peak_first_attempts_per_s: u64,
     /// Endpoint rebinds done by the swarm.
     pub migrations: u64,
     /// Bots refused at the first join because of the connect token.
@@ -262,6 +267,7 @@ pub fn aggregate(facts: &RunFacts, bots: &[BotOutcome]) -> Report {
         close_reasons: distinct(&facts.close_reasons),
         chat_lost: facts.chat_lost,
         peak_attempts_per_s: facts.peak_attempts_per_s,
+        peak_first_attempts_per_s: facts.peak_first_attempts_per_s,
         migrations: facts.migrations,
         token_refusals: facts.token_refusals,
         ..Report::default()
@@ -650,6 +656,7 @@ mod tests {
             chat_missing: 4,
             chat_lost: 2,
             peak_attempts_per_s: 7,
+            peak_first_attempts_per_s: 5,
             migrations: 3,
             token_refusals: 0,
         };

@@ -562,6 +562,7 @@ fn check_end(
     let mut names = BTreeSet::new();
     let mut close_reasons = Vec::new();
     let mut attempts = Vec::new();
+    let mut firsts = Vec::new();
     // Every player id a bot of this run holds: other players on the server are not compared.
     let ours: BTreeSet<u32> = joined.iter().map(|(c, _)| c.player_id()).collect();
     let _ = run_prefix;
@@ -574,7 +575,9 @@ fn check_end(
             connected_for: checked_at.saturating_duration_since(*at),
             connected_at_end: up,
         });
-        attempts.extend(client.attempt_times());
+        let times = client.attempt_times();
+        firsts.extend(times.first().copied());
+        attempts.extend(times);
         receipts.push((up, client.chat_receipts(), unconfirmed));
         if up {
             names.insert(client.player_id());
@@ -597,6 +600,7 @@ fn check_end(
         chat_missing: chat_missing(&senders, &receivers),
         chat_lost: chat_lost(&lost_senders, &receivers),
         peak_attempts_per_s: peak_per_second(&mut attempts),
+        peak_first_attempts_per_s: peak_per_second(&mut firsts),
         ..RunFacts::default()
     };
     (outcomes, facts)
