@@ -529,18 +529,20 @@ pub async fn run(cfg: SwarmConfig, shutdown: impl Future<Output = ()>) -> anyhow
         }
         let (up, down) = (total.up, total.down);
         println!(
-            "link: up offered {} dropped {} duplicated {} delayed {} overflow {}; \
-             down offered {} dropped {} duplicated {} delayed {} overflow {}",
+            "link: up offered {} dropped {} duplicated {} delayed {} overflow {} blackout {}; \
+             down offered {} dropped {} duplicated {} delayed {} overflow {} blackout {}",
             up.offered,
             up.dropped,
             up.duplicated,
             up.delayed,
             up.overflow,
+            up.blackout,
             down.offered,
             down.dropped,
             down.duplicated,
             down.delayed,
             down.overflow,
+            down.blackout,
         );
     }
     Ok(report)

@@ -56,6 +56,8 @@ pub(crate) struct AdminState {
     pub map: Value,
     /// Flips to true when the server stops (ends event streams).
     pub stop: watch::Receiver<bool>,
+    /// Permits for `/events` subscribers ([`MAX_SSE_SUBSCRIBERS`]).
+    pub sse_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AdminState {
@@ -71,12 +73,42 @@ impl AdminState {
 }
 
 /// Binds the admin listener (so the caller learns the address before serving).
-pub(crate) fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot bind the admin/metrics listener on TCP {addr}"))?;
     l.set_nonblocking(true)
         .context("admin listener: set_nonblocking")?;
-    tokio::net::TcpListener::from_std(l).context("admin listener: register with tokio")
+    Ok(l)
+}
+
+/// Most `/events` subscribers at once; more get `503 Service Unavailable`.
+pub const MAX_SSE_SUBSCRIBERS: usize = 64;
+
+/// Runs the listener on its own thread with its own single-threaded runtime, so that however busy
+/// the admin side gets (many dashboards, slow clients), it never takes time from the game's network
+/// tasks. Returns a task that completes when that thread has stopped.
+pub(crate) fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("admin listener: runtime")?;
+    let thread = std::thread::Builder::new()
+        .name("quicktick-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, state).await,
+                    Err(e) => tracing::warn!("admin listener: cannot register with tokio: {e}"),
+                }
+            });
+        })
+        .context("admin listener: thread")?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let _ = thread.join();
+    }))
 }
 
 /// The router.
@@ -248,6 +280,8 @@ async fn status(State(st): State<Arc<AdminState>>) -> Json<Value> {
 
 /// One `/events` subscriber.
 struct Subscriber {
+    /// Held while subscribed.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     ring: Arc<EventRing>,
     newest: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
@@ -293,19 +327,29 @@ impl Subscriber {
 async fn events(
     State(st): State<Arc<AdminState>>,
     headers: HeaderMap,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, (StatusCode, &'static str)> {
+    let slot = st.sse_slots.clone().try_acquire_owned().map_err(|_| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many /events subscribers\n",
+        )
+    })?;
+    let newest = st.events.newest();
+    // An id newer than any event comes from before a server restart (ids start again at 1): such a
+    // subscriber is served like a new one.
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let newest = st.events.newest();
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&r| r <= newest);
     let last = resume.unwrap_or(newest.saturating_sub(INITIAL_REPLAY));
     let mut pending = Vec::new();
     let oldest = st.events.since(last, usize::MAX, &mut pending);
     let gap = resume
-        .filter(|&r| oldest > 0 && r + 1 < oldest)
-        .map(|r| (r + 1, oldest - 1));
+        .filter(|&r| oldest > 0 && r.saturating_add(1) < oldest)
+        .map(|r| (r.saturating_add(1), oldest - 1));
     let sub = Subscriber {
+        _slot: slot,
         ring: st.events.clone(),
         newest: st.events.subscribe(),
         stop: st.stop.clone(),
@@ -313,6 +357,8 @@ async fn events(
         pending: pending.into(),
         gap,
     };
-    Sse::new(futures_util::stream::unfold(sub, Subscriber::next))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+    Ok(
+        Sse::new(futures_util::stream::unfold(sub, Subscriber::next))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(10))),
+    )
 }

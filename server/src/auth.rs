@@ -28,6 +28,18 @@ pub struct TokenBody {
     pub nonce: [u8; 16],
 }
 
+/// The account id used for a name when no id is given: the first 8 bytes (little-endian) of the
+/// SHA-256 of the name, so distinct names get distinct accounts (and the same name the same one).
+#[must_use]
+pub fn account_of_name(name: &str) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut b = [0u8; 8];
+    for (dst, src) in b.iter_mut().zip(d.as_ref()) {
+        *dst = *src;
+    }
+    u64::from_le_bytes(b)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

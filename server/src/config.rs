@@ -38,8 +38,11 @@ pub struct ServerConfig {
     /// Most connections between their first packet and `hello`; more are refused at once.
     pub max_pending_handshakes: usize,
     /// Most connections (open or in their handshake) from one IP address; 0 = no limit. Excess
-    /// attempts are closed with code 7 and a reason (or refused silently when far over).
+    /// attempts are closed with code 9 and a reason (or refused silently when far over).
     pub max_connections_per_ip: u32,
+    /// Most connections one IP address may have between their first packet and `hello` (0: no
+    /// limit), so that a few addresses cannot fill `max_pending_handshakes` for everyone.
+    pub max_pending_per_ip: u32,
     /// Above this many new (unvalidated) handshakes in one second, clients must prove their address
     /// with a QUIC Retry round trip first; 0 = always.
     pub retry_above_handshakes_per_sec: u32,
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 256,
             max_connections_per_ip: 32,
+            max_pending_per_ip: 16,
             retry_above_handshakes_per_sec: 100,
             datagram_send_buffer: 16 * 1024,
             outbound_queue: 1024,

@@ -149,6 +149,10 @@ pub struct CoreCounters {
     pub typing_dropped: u64,
     /// Presence changes accepted.
     pub presence_changes: u64,
+    /// Per-client snapshots skipped because the client stopped acknowledging (sent every 8th tick).
+    pub quiet_skips: u64,
+    /// Error notices not sent because the player already got [`ERRORS_PER_S`] this second.
+    pub errors_dropped: u64,
 }
 
 /// What the shell knows about a connection's path right now.
@@ -174,6 +178,10 @@ struct Player {
     resume_token: Vec<u8>,
     /// The connect-token account this player joined with, if any (a second join replaces).
     account: Option<u64>,
+    /// This tick's snapshot is skipped: the client stopped acknowledging.
+    quiet: bool,
+    /// Error notices sent in the current one-second window: (window start tick, count).
+    errors: (u64, u32),
 }
 
 /// A dropped player's session, kept for the grace window.
@@ -412,6 +420,7 @@ impl ServerCore {
             }
             RefuseReason::TokenExpired => "the connect token has expired".into(),
             RefuseReason::TokenReplayed => "the connect token was already used".into(),
+            RefuseReason::NameTaken => "another player has this name".into(),
             RefuseReason::ResumeUnknown => {
                 "no session to resume (unknown player, wrong token or grace window passed): join with hello"
                     .into()
@@ -539,6 +548,8 @@ impl ServerCore {
             replicator: Replicator::default(),
             resume_token,
             account,
+            quiet: false,
+            errors: (0, 0),
             info,
         };
         self.conn_of.insert(player.info.id, conn);
@@ -690,7 +701,21 @@ impl ServerCore {
         )
     }
 
-    fn error(out: &mut Vec<CoreOutput>, conn: ConnId, code: ErrorCode, detail: String) {
+    /// Sends a non-fatal error notice, at most [`ERRORS_PER_S`] per player per second (more are
+    /// dropped and counted): refusals must not become a flood of their own.
+    fn error(&mut self, out: &mut Vec<CoreOutput>, conn: ConnId, code: ErrorCode, detail: String) {
+        let ticks = self.counters.ticks;
+        let window = u64::from(self.cfg.tick_rate);
+        if let Some(p) = self.players.get_mut(&conn) {
+            if ticks >= p.errors.0 + window {
+                p.errors = (ticks, 0);
+            }
+            if p.errors.1 >= ERRORS_PER_S {
+                self.counters.errors_dropped += 1;
+                return;
+            }
+            p.errors.1 += 1;
+        }
         out.push(CoreOutput::Frame(conn, ServerMsg::Error { code, detail }));
     }
 
@@ -706,7 +731,7 @@ impl ServerCore {
                 channel,
                 text,
             } => self.chat(conn, client_msg_id, &channel, &text, out),
-            ClientMsg::Hello { .. } | ClientMsg::Resume(_) => Self::error(
+            ClientMsg::Hello { .. } | ClientMsg::Resume(_) => self.error(
                 out,
                 conn,
                 ErrorCode::UnexpectedMessage,
@@ -760,17 +785,16 @@ impl ServerCore {
                 }
             }
             PresenceOutcome::Unchanged => {}
-            PresenceOutcome::BadRoom => Self::error(
+            PresenceOutcome::BadRoom => self.error(
                 out,
                 conn,
                 ErrorCode::BadRoom,
                 format!(
-                    "room names are 1..={} bytes without control characters, at most {} rooms",
+                    "room names are 1..={} bytes without control characters or surrounding spaces",
                     quicktick_shared::wire::MAX_ROOM_BYTES,
-                    quicktick_shared::lobby::MAX_ROOMS
                 ),
             ),
-            PresenceOutcome::TooFast => Self::error(
+            PresenceOutcome::TooFast => self.error(
                 out,
                 conn,
                 ErrorCode::RateLimited,
@@ -794,20 +818,23 @@ impl ServerCore {
         let now = self.now();
         let ticks = self.counters.ticks;
         let rate = u64::from(self.cfg.tick_rate);
-        let Some(p) = self.players.get_mut(&conn) else {
+        let Some(id) = self.players.get(&conn).map(|p| p.info.id) else {
             self.counters.stray_events += 1;
             return;
         };
-        match self
-            .lobby
-            .chat(p.info.id, client_msg_id, channel, text, now)
-        {
+        match self.lobby.chat(id, client_msg_id, channel, text, now) {
             ChatOutcome::RateLimited => {
                 self.counters.chat_rate_limited += 1;
                 // Tell the sender, at most once a second (the notices must not flood it either).
-                if p.rate_notice.is_none_or(|t| ticks >= t + rate) {
-                    p.rate_notice = Some(ticks);
-                    Self::error(
+                let notice = self
+                    .players
+                    .get_mut(&conn)
+                    .is_some_and(|p| p.rate_notice.is_none_or(|t| ticks >= t + rate));
+                if notice {
+                    if let Some(p) = self.players.get_mut(&conn) {
+                        p.rate_notice = Some(ticks);
+                    }
+                    self.error(
                         out,
                         conn,
                         ErrorCode::RateLimited,
@@ -828,7 +855,7 @@ impl ServerCore {
                 }
             }
             ChatOutcome::Duplicate => {}
-            ChatOutcome::Rejected => Self::error(
+            ChatOutcome::Rejected => self.error(
                 out,
                 conn,
                 ErrorCode::ChatRejected,
@@ -837,7 +864,7 @@ impl ServerCore {
                     quicktick_shared::wire::MAX_CHAT_BYTES
                 ),
             ),
-            ChatOutcome::UnknownRecipient => Self::error(
+            ChatOutcome::UnknownRecipient => self.error(
                 out,
                 conn,
                 ErrorCode::UnknownRecipient,
@@ -1006,8 +1033,14 @@ impl ServerCore {
             codec: &codec,
             interest,
         };
+        // A client that stopped acknowledging (dead path, blackout, crash) for over a second gets a
+        // snapshot every 8th tick only, until an ack arrives: little bandwidth into the void, and the
+        // view it last acked stays a usable baseline far longer (see `ServerSession::baseline`).
+        let quiet_after = self.cfg.tick_rate;
+        let quiet_tick = !snap.tick.0.is_multiple_of(QUIET_EVERY);
         for p in self.players.values_mut() {
-            if p.link.max_datagram.is_some() {
+            p.quiet = quiet_tick && p.session.sent_since_ack() > quiet_after;
+            if p.link.max_datagram.is_some() && !p.quiet {
                 let baseline = p.session.baseline(snap.tick, self.cfg.snapshot_history);
                 p.replicator.select(
                     &frame,
@@ -1025,6 +1058,10 @@ impl ServerCore {
             let Some(max) = p.link.max_datagram else {
                 continue;
             };
+            if p.quiet {
+                self.counters.quiet_skips += 1;
+                continue;
+            }
             let budget = self.cfg.snapshot_budget_bytes_per_s as f64;
             let per_s = p
                 .link
@@ -1126,6 +1163,12 @@ impl ServerCore {
         self.players.get(&conn).map(|p| p.info.id)
     }
 }
+
+/// Most error notices a player is sent per second.
+pub const ERRORS_PER_S: u32 = 4;
+
+/// A client that stopped acknowledging is sent a snapshot every this many ticks.
+pub const QUIET_EVERY: u32 = 8;
 
 /// Compares two tokens in time independent of where they differ.
 fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
@@ -1699,6 +1742,46 @@ mod tests {
             "replaced by a newer connection of this player".into()
         )));
         assert_eq!(c.counters.replaced, 1);
+    }
+
+    #[test]
+    fn error_notices_are_throttled_per_player() {
+        let mut c = core(4);
+        let mut out = Vec::new();
+        hello(&mut c, 1, "a", &mut out);
+        out.clear();
+        for _ in 0..200 {
+            c.handle(
+                CoreEvent::Msg {
+                    conn: 1,
+                    msg: ClientMsg::JoinRoom {
+                        room: "bad\nroom".into(),
+                    },
+                },
+                &mut out,
+            );
+        }
+        let errors = frames(&out, 1)
+            .iter()
+            .filter(|m| matches!(m, ServerMsg::Error { .. }))
+            .count();
+        assert_eq!(errors, ERRORS_PER_S as usize);
+        assert_eq!(c.counters.errors_dropped, 200 - u64::from(ERRORS_PER_S));
+        // A second later the player may be told again.
+        for _ in 0..c.cfg.tick_rate {
+            c.tick(&mut out);
+        }
+        out.clear();
+        c.handle(
+            CoreEvent::Msg {
+                conn: 1,
+                msg: ClientMsg::JoinRoom {
+                    room: " padded".into(),
+                },
+            },
+            &mut out,
+        );
+        assert_eq!(frames(&out, 1).len(), 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-mod admin;
+pub mod admin;
 pub mod agones;
 pub mod auth;
 pub mod config;
@@ -114,9 +114,10 @@ impl Server {
                     prometheus,
                     map: admin::AdminState::map_json(&map),
                     stop: stop_admin_rx,
+                    sse_slots: Arc::new(tokio::sync::Semaphore::new(admin::MAX_SSE_SUBSCRIBERS)),
                 });
                 tracing::info!(addr = %bound, "admin HTTP listening: /metrics /status /events, dashboard at /");
-                Some((bound, tokio::spawn(admin::serve(listener, state))))
+                Some((bound, admin::spawn(listener, state)?))
             }
             None => None,
         };

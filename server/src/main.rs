@@ -107,9 +107,11 @@ enum Command {
         /// Validity, e.g. 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
-        /// The player's account id.
-        #[arg(long, default_value_t = 0)]
-        id: u64,
+        /// The player's account id: one account, one player — a second connection with the same id
+        /// takes that player over [default: derived from the name, so distinct names are distinct
+        /// accounts]
+        #[arg(long)]
+        id: Option<u64>,
     },
 }
 
@@ -175,7 +177,7 @@ fn real_main() -> anyhow::Result<()> {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| anyhow::anyhow!("no system randomness for the token nonce"))?;
         let body = quicktick_server::auth::TokenBody {
-            player_id: *id,
+            player_id: id.unwrap_or_else(|| quicktick_server::auth::account_of_name(player)),
             name: player.clone(),
             expires_unix: now + parse_ttl(ttl)?,
             nonce,

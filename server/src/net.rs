@@ -76,6 +76,8 @@ pub(crate) struct NetCtx {
     pub conns: Arc<ConnRegistry>,
     /// Connections per IP address, open or in their handshake.
     pub per_ip: Arc<PerIp>,
+    /// Connections per IP address that have not sent `hello` yet.
+    pub pending_ip: Arc<PerIp>,
 }
 
 impl NetCtx {
@@ -97,8 +99,16 @@ impl NetCtx {
             inputs,
             next_conn: AtomicU64::new(1),
             per_ip: Arc::default(),
+            pending_ip: Arc::default(),
         }
     }
+}
+
+/// A half-open connection's claim: a slot of `max_pending_handshakes` and of its address's
+/// `max_pending_per_ip`, released when `hello` arrives or the connection ends.
+pub(crate) struct Pending {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _ip: IpSlot,
 }
 
 /// Connection counts by IP address (IPv4-mapped IPv6 counted as IPv4).
@@ -215,12 +225,25 @@ pub(crate) async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let pending_cap = ctx.cfg.max_pending_per_ip;
+        if pending_cap > 0 && ctx.pending_ip.count(ip) >= pending_cap {
+            // One address may not hold many half-open connections: the table of pending
+            // handshakes is shared by everyone.
+            ServerStats::add(&ctx.stats.handshakes_refused, 1);
+            ctx.metrics.handshakes_refused.increment(1);
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = ctx.pending.clone().try_acquire_owned() else {
             // Too many half-open connections: refuse cheaply (QUIC CONNECTION_REFUSED).
             ServerStats::add(&ctx.stats.handshakes_refused, 1);
             ctx.metrics.handshakes_refused.increment(1);
             incoming.refuse();
             continue;
+        };
+        let permit = Pending {
+            _permit: permit,
+            _ip: ctx.pending_ip.take(ip).0,
         };
         let (slot, before) = ctx.per_ip.take(ip);
         let ctx = ctx.clone();
@@ -239,7 +262,7 @@ async fn too_many(
     ctx: &NetCtx,
     ip: IpAddr,
     slot: IpSlot,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Pending,
 ) {
     let deadline = Instant::now() + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
     if let Ok(Ok(conn)) = timeout_at(deadline, incoming).await {
@@ -284,12 +307,7 @@ fn violation(
     LeaveReason::Kicked
 }
 
-async fn connection(
-    incoming: quinn::Incoming,
-    ctx: Arc<NetCtx>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    _slot: IpSlot,
-) {
+async fn connection(incoming: quinn::Incoming, ctx: Arc<NetCtx>, permit: Pending, _slot: IpSlot) {
     let began = Instant::now();
     let deadline = began + Duration::from_millis(ctx.cfg.handshake_timeout_ms);
     let conn = match timeout_at(deadline, incoming).await {
@@ -344,7 +362,7 @@ async fn serve(
     conn: &quinn::Connection,
     ctx: &NetCtx,
     (began, deadline): (Instant, Instant),
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Pending,
 ) -> CloseReason {
     // The stream and `hello` must arrive before the handshake deadline.
     let mut dec = FrameDecoder::new();

@@ -111,6 +111,16 @@ counters! {
     replaced,
     /// Dropped players removed for good when their grace window passed.
     sessions_expired,
+    /// Chat lines dropped by the per-player rate limit.
+    chat_rate_limited,
+    /// Typing indicators dropped by the per-player rate limit.
+    typing_dropped,
+    /// Error notices not sent (a player gets at most 4 a second).
+    errors_dropped,
+    /// Stream messages or inputs from connections that are not (or no longer) players.
+    stray_events,
+    /// Per-client snapshots skipped because that client stopped acknowledging.
+    quiet_skips,
 }
 
 impl ServerStats {

@@ -586,6 +586,11 @@ impl TickThread {
         ServerStats::set(&self.stats.resume_refusals, c.resume_refusals);
         ServerStats::set(&self.stats.replaced, c.replaced);
         ServerStats::set(&self.stats.sessions_expired, c.sessions_expired);
+        ServerStats::set(&self.stats.chat_rate_limited, c.chat_rate_limited);
+        ServerStats::set(&self.stats.typing_dropped, c.typing_dropped);
+        ServerStats::set(&self.stats.errors_dropped, c.errors_dropped);
+        ServerStats::set(&self.stats.stray_events, c.stray_events);
+        ServerStats::set(&self.stats.quiet_skips, c.quiet_skips);
         let entities = self.core.world().entity_count() as u64;
         ServerStats::set(&self.stats.entities, entities);
         let m = &self.metrics;

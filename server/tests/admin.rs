@@ -221,6 +221,46 @@ async fn metrics_status_world_and_events_during_a_bot_run() {
     assert_eq!(resumed.first(), Some(&(resume_after + 1)), "{resumed:?}");
     assert!(resumed.len() >= ids.len() - ids.len() / 2 - 1);
 
+    // An id from before a server restart (newer than any event here) is served like a new
+    // subscriber, not left waiting forever; u64::MAX does not overflow.
+    for id in ["99999999999", "18446744073709551615"] {
+        let r = get_with(
+            admin,
+            "/events",
+            &[("Last-Event-ID", id)],
+            Duration::from_millis(800),
+        )
+        .await;
+        let evs = sse_events(&r.body);
+        assert!(
+            evs.iter().any(|e| e.id.is_some()) && !evs.iter().any(|e| e.event == "gap"),
+            "Last-Event-ID {id}: {evs:?}"
+        );
+    }
+    // Subscribers are capped: the one past the cap gets 503 while the others stay open.
+    let mut open = Vec::new();
+    for _ in 0..quicktick_server::admin::MAX_SSE_SUBSCRIBERS {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            format!("GET /events HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        open.push(s);
+    }
+    let over = get_with(admin, "/events", &[], Duration::from_millis(500)).await;
+    assert_eq!(over.status, 503);
+    drop(open);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = get_with(admin, "/events", &[], Duration::from_millis(300)).await;
+    assert_eq!(again.status, 200, "slots come back when subscribers leave");
+
     // The dashboard page, every byte served by the server.
     let page = get(admin, "/").await;
     assert_eq!(page.status, 200);

@@ -303,6 +303,33 @@ async fn a_client_that_abandons_its_control_stream_is_closed_with_a_reason() {
 }
 
 #[tokio::test]
+async fn one_address_cannot_hold_many_half_open_connections() {
+    let ts = start(quicktick_server::ServerConfig {
+        max_pending_per_ip: 8,
+        ..test_config()
+    });
+    // The attacker is another host: 127.0.0.2 (any 127/8 address reaches loopback on Linux).
+    let evil = common::raw_endpoint_at(&ts.trust, "127.0.0.2:0".parse().unwrap());
+    let mut silent = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        match evil.connect(ts.addr, "localhost").unwrap().await {
+            Ok(c) => silent.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    let per_ip = 8;
+    assert_eq!(silent.len(), per_ip, "{per_ip} half-open slots per address");
+    assert_eq!(refused, 12 - per_ip);
+    // Everyone else still gets in.
+    let ep = raw_endpoint(&ts.trust);
+    let (_honest, w) = RawClient::join(&ep, ts.addr, "honest").await;
+    assert_eq!(w.players.len(), 1);
+    drop(silent);
+    ts.server.shutdown().await;
+}
+
+#[tokio::test]
 async fn half_open_connections_are_bounded() {
     let ts = start(quicktick_server::ServerConfig {
         max_pending_handshakes: 3,

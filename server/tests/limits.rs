@@ -26,7 +26,7 @@ async fn per_ip_limit_refuses_the_next_connection_with_a_reason() {
         .await
         .unwrap();
 
-    // The third from 127.0.0.1 is closed right after the QUIC handshake, with code 7 and a reason.
+    // The third from 127.0.0.1 is closed right after the QUIC handshake, with code 9 and a reason.
     match Client::connect(&ep, ts.addr, "localhost", "c").await {
         Err(ConnectError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
             assert_eq!(c.error_code, close::TOO_MANY_CONNECTIONS.into());

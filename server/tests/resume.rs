@@ -287,6 +287,7 @@ async fn a_server_restart_under_100_bots_brings_them_all_back_spread_out() {
             handshake_timeout_ms: 15_000,
             // Every bot comes from 127.0.0.1.
             max_connections_per_ip: 0,
+            max_pending_per_ip: 0,
             ..test_config()
         };
         let first = start(cfg.clone());

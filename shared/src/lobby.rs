@@ -31,7 +31,8 @@ pub const CHAT_BURST: f64 = 8.0;
 pub const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// Shortest interval between two presence changes (state or room) of one player (more are refused).
 pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(250);
-/// Most rooms at once (a room exists while a member, online or offline, is in it).
+/// Rooms always allowed, whatever `max_players` (a room exists while a member, online or offline,
+/// is in it, so there are at most `max(max_players, MAX_ROOMS) + 1`).
 pub const MAX_ROOMS: usize = 64;
 /// Default lines kept per channel history.
 pub const DEFAULT_HISTORY: usize = 256;
@@ -155,7 +156,8 @@ impl Lobby {
         }
     }
 
-    /// Checks a join request without changing anything.
+    /// Checks a join request without changing anything. A name equal (ignoring case) to a
+    /// member's, online or within its grace window, is taken.
     pub fn check_join(&self, version: u16, name: &str) -> Result<(), RefuseReason> {
         if version != PROTOCOL_VERSION {
             return Err(RefuseReason::VersionMismatch);
@@ -166,7 +168,19 @@ impl Lobby {
         if self.members.len() >= self.max_players {
             return Err(RefuseReason::ServerFull);
         }
+        if self.name_taken(name) {
+            return Err(RefuseReason::NameTaken);
+        }
         Ok(())
+    }
+
+    /// Whether a member (online or offline) has this name, ignoring case.
+    #[must_use]
+    pub fn name_taken(&self, name: &str) -> bool {
+        let lower = name.to_lowercase();
+        self.members
+            .values()
+            .any(|m| m.info.name.to_lowercase() == lower)
     }
 
     /// Adds an online member (after [`Lobby::check_join`]) in [`LOBBY_ROOM`]; returns their info.
@@ -273,10 +287,6 @@ impl Lobby {
         text: &str,
         now: Duration,
     ) -> ChatOutcome {
-        let scope = match self.scope_of(from, channel) {
-            Ok(s) => s,
-            Err(o) => return o,
-        };
         let Some(m) = self.members.get_mut(&from) else {
             return ChatOutcome::UnknownPlayer;
         };
@@ -289,10 +299,19 @@ impl Lobby {
         if m.tokens < 1.0 {
             return ChatOutcome::RateLimited;
         }
+        // Every line past the rate check costs a token, refused ones included (so refusals cannot
+        // be used to flood the sender's own error channel).
+        m.tokens -= 1.0;
+        let scope = match self.scope_of(from, channel) {
+            Ok(s) => s,
+            Err(o) => return o,
+        };
         let Some(text) = clean_chat(text) else {
             return ChatOutcome::Rejected;
         };
-        m.tokens -= 1.0;
+        let Some(m) = self.members.get_mut(&from) else {
+            return ChatOutcome::UnknownPlayer;
+        };
         m.last_msg_id = Some(client_msg_id);
         self.chat_seq += 1;
         let line = ChatLine {
@@ -406,9 +425,16 @@ impl Lobby {
         PresenceOutcome::Changed(info, self.everyone_online())
     }
 
-    /// Moves a member to `room` (created if new, within [`MAX_ROOMS`]).
+    /// Moves a member to `room` (names are case-insensitive: stored lower-case; created if new).
+    /// A room exists only while a member is in it, so there are never more than `max_players + 1`
+    /// (the lobby): rooms cannot be used up.
     pub fn join_room(&mut self, id: u32, room: &str, now: Duration) -> PresenceOutcome {
-        if !valid_room(room) || (!self.rooms.contains_key(room) && self.rooms.len() >= MAX_ROOMS) {
+        if !valid_room(room) {
+            return PresenceOutcome::BadRoom;
+        }
+        let room = room.to_lowercase();
+        let room = room.as_str();
+        if !self.rooms.contains_key(room) && self.rooms.len() > self.max_players.max(MAX_ROOMS) {
             return PresenceOutcome::BadRoom;
         }
         if self.members.get(&id).is_some_and(|m| m.info.room == room) {
@@ -673,32 +699,66 @@ mod tests {
     }
 
     #[test]
-    fn rooms_are_bounded_and_vanish_with_their_last_member() {
-        let mut l = Lobby::new(MAX_ROOMS + 8);
-        let ids: Vec<u32> = (0..MAX_ROOMS + 2)
-            .map(|i| l.join(&format!("p{i}"), AV).id)
-            .collect();
-        for (i, id) in ids.iter().enumerate().take(MAX_ROOMS - 1) {
-            assert!(matches!(
-                l.join_room(*id, &format!("r{i}"), T0),
-                PresenceOutcome::Changed(..)
-            ));
+    fn rooms_cannot_run_out_and_vanish_with_their_last_member() {
+        let n = MAX_ROOMS + 8;
+        let mut l = Lobby::new(n);
+        let ids: Vec<u32> = (0..n).map(|i| l.join(&format!("p{i}"), AV).id).collect();
+        // Every player may squat a room of its own: the next one still gets one.
+        for (i, id) in ids.iter().enumerate() {
+            assert!(
+                matches!(
+                    l.join_room(*id, &format!("r{i}"), T0),
+                    PresenceOutcome::Changed(..)
+                ),
+                "room {i}"
+            );
         }
-        assert_eq!(l.room_count(), MAX_ROOMS);
+        assert_eq!(l.room_count(), n + 1, "every player's room and the lobby");
+        // Names are case-insensitive, and may not be padded with spaces.
+        assert!(matches!(
+            l.join_room(ids[1], "R0", PRESENCE_INTERVAL),
+            PresenceOutcome::Changed(ref info, _) if info.room == "r0"
+        ));
         assert_eq!(
-            l.join_room(ids[MAX_ROOMS], "one-too-many", T0),
+            l.join_room(ids[2], " r0", PRESENCE_INTERVAL),
             PresenceOutcome::BadRoom
         );
-        assert!(matches!(
-            l.join_room(ids[MAX_ROOMS], "r0", T0),
-            PresenceOutcome::Changed(..)
-        ));
+        assert_eq!(l.room_count(), n, "r1 went with its last member");
         l.leave(ids[0]);
-        l.leave(ids[MAX_ROOMS]);
+        l.leave(ids[1]);
+        assert_eq!(l.room_count(), n - 1, "r0 too");
+    }
+
+    #[test]
+    fn names_are_unique_ignoring_case_and_refusals_cost_chat_tokens() {
+        let mut l = Lobby::new(8);
+        let a = l.join("Alice", AV).id;
         assert_eq!(
-            l.room_count(),
-            MAX_ROOMS - 1,
-            "r0 went with its last member"
+            l.check_join(PROTOCOL_VERSION, "alice"),
+            Err(RefuseReason::NameTaken)
+        );
+        assert_eq!(
+            l.check_join(PROTOCOL_VERSION, "alice "),
+            Err(RefuseReason::BadName)
+        );
+        l.set_online(a, false);
+        assert_eq!(
+            l.check_join(PROTOCOL_VERSION, "ALICE"),
+            Err(RefuseReason::NameTaken),
+            "a player in its grace window keeps its name"
+        );
+        l.set_online(a, true);
+        let mut refused = 0;
+        for id in 1..=20 {
+            match l.chat(a, id, &Channel::Whisper { to: 999 }, "x", T0) {
+                ChatOutcome::UnknownRecipient => refused += 1,
+                ChatOutcome::RateLimited => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            refused, CHAT_BURST as usize,
+            "whispers to nobody use up the burst"
         );
     }
 }

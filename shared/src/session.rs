@@ -15,6 +15,10 @@ use crate::snapshot::{Snapshot, SnapshotHistory};
 use crate::tick::Tick;
 use crate::wire::InputDatagram;
 
+/// A client keeps at least this many complete snapshots (the newest 255), so a view fewer than this
+/// many snapshots old is still held by it.
+pub const CLIENT_HELD: u32 = 255;
+
 /// Per-session counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionCounters {
@@ -51,6 +55,8 @@ pub struct ServerSession {
     acked_view: Option<Arc<Snapshot>>,
     /// After a resume: the acked view may be older than the usual age limit until the next ack.
     resume_baseline: bool,
+    /// Snapshots sent since the last accepted ack (or since the start).
+    sent_since_ack: u32,
     /// Newest snapshot tick sent to this client.
     last_sent: Option<Tick>,
     /// The views sent to this client, by tick: the only baselines its deltas may use.
@@ -71,6 +77,7 @@ impl ServerSession {
             acked: None,
             acked_view: None,
             resume_baseline: false,
+            sent_since_ack: 0,
             last_sent: None,
             sent: SnapshotHistory::new(history),
             inputs: InputBuffer::new(next_tick),
@@ -90,6 +97,7 @@ impl ServerSession {
                     self.acked = Some(ack);
                     self.acked_view = Some(v.clone());
                     self.resume_baseline = false;
+                    self.sent_since_ack = 0;
                 }
                 self.counters.acks_accepted += 1;
             } else {
@@ -107,18 +115,19 @@ impl ServerSession {
         self.acked
     }
 
-    /// The baseline for the snapshot of `tick`: the view sent at the acked tick, when still kept
-    /// and not older than `max_age` ticks; otherwise `None` (send a keyframe).
+    /// The baseline for the snapshot of `tick`: the view sent at the acked tick, when it is not
+    /// older than `max_age` ticks, or — older — while the client must still hold it: fewer than
+    /// [`CLIENT_HELD`] snapshots were sent after it (a client keeps its last 255 complete ones), or
+    /// right after a resume chose it. Otherwise `None` (send a keyframe).
     #[must_use]
     pub fn baseline(&self, tick: Tick, max_age: u32) -> Option<Arc<Snapshot>> {
         let a = self.acked?;
         let age = tick.diff(a);
-        let limit = if self.resume_baseline {
-            MAX_BASELINE_AGE
-        } else {
-            max_age.min(MAX_BASELINE_AGE)
-        };
-        if age < 1 || age as u32 > limit {
+        if age < 1 || age as u32 > MAX_BASELINE_AGE {
+            return None;
+        }
+        let held = self.resume_baseline || self.sent_since_ack < CLIENT_HELD;
+        if age as u32 > max_age && !held {
             return None;
         }
         self.sent
@@ -149,6 +158,7 @@ impl ServerSession {
                 self.acked = Some(v.tick);
                 self.acked_view = Some(v);
                 self.resume_baseline = true;
+                self.sent_since_ack = 0;
             }
             None => {
                 self.acked = None;
@@ -165,8 +175,16 @@ impl ServerSession {
         self.sent.get(tick)
     }
 
+    /// Snapshots sent since the client's last accepted ack: a client that stopped acknowledging
+    /// (dead path, blackout) is sent fewer snapshots by the server.
+    #[must_use]
+    pub fn sent_since_ack(&self) -> u32 {
+        self.sent_since_ack
+    }
+
     /// Records the view sent for its tick and what it cost.
     pub fn record_sent(&mut self, view: Arc<Snapshot>, stats: &EncodeStats) {
+        self.sent_since_ack = self.sent_since_ack.saturating_add(1);
         self.last_sent = Some(view.tick);
         self.sent.push(view);
         if stats.keyframe {
@@ -241,7 +259,11 @@ mod tests {
         assert_eq!(s.acked(), Some(Tick(7)));
         assert_eq!(s.counters.acks_ignored, 3);
         assert_eq!(s.baseline(Tick(12), 255).map(|b| b.tick), Some(Tick(7)));
-        assert!(s.baseline(Tick(12), 4).is_none(), "too old for max_age");
+        assert_eq!(
+            s.baseline(Tick(12), 4).map(|b| b.tick),
+            Some(Tick(7)),
+            "older than max_age, but the client still holds it (3 snapshots after it)"
+        );
         for t in 11..=20 {
             s.record_sent(
                 Arc::new(Snapshot {
@@ -256,9 +278,16 @@ mod tests {
             Some(Tick(7)),
             "evicted from the 8-tick ring, but the acked view is kept"
         );
+        assert_eq!(
+            s.baseline(Tick(21), 10).map(|b| b.tick),
+            Some(Tick(7)),
+            "older than max_age, but only 10 snapshots were sent after it: the client holds it"
+        );
+        sent(&mut s, 21..=270);
+        assert_eq!(s.sent_since_ack(), 260);
         assert!(
-            s.baseline(Tick(21), 10).is_none(),
-            "older than max_age: keyframe"
+            s.baseline(Tick(271), 64).is_none(),
+            "255+ snapshots after it: the client may have dropped it: keyframe"
         );
     }
 

@@ -290,6 +290,8 @@ pub enum RefuseReason {
     /// No resumable session matches (unknown player, wrong token, or the grace window passed): join
     /// afresh with `hello`.
     ResumeUnknown,
+    /// Another player has this name (compared ignoring case).
+    NameTaken,
 }
 
 /// Why a player left.
@@ -524,13 +526,13 @@ fn is_unwanted(c: char) -> bool {
 }
 
 /// Checks a player name: 1..=[`MAX_NAME_BYTES`] bytes, no control or hidden format characters (see
-/// [`is_hidden_format`]), not all whitespace.
+/// [`is_hidden_format`]), no leading or trailing whitespace, not blank.
 #[must_use]
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && !name.chars().any(is_unwanted)
-        && !name.trim().is_empty()
+        && name.trim() == name
 }
 
 /// Checks a room name: the rules of [`valid_name`] with [`MAX_ROOM_BYTES`].

@@ -72,6 +72,11 @@ pub fn start_at(cfg: ServerConfig, addr: SocketAddr, dir: &std::path::Path) -> T
 }
 
 pub fn raw_endpoint(trust: &[CertificateDer<'static>]) -> quinn::Endpoint {
+    raw_endpoint_at(trust, "127.0.0.1:0".parse().unwrap())
+}
+
+/// [`raw_endpoint`] bound to `bind` (another loopback address plays another host).
+pub fn raw_endpoint_at(trust: &[CertificateDer<'static>], bind: SocketAddr) -> quinn::Endpoint {
     let mut roots = rustls::RootCertStore::empty();
     for c in trust {
         roots.add(c.clone()).unwrap();
@@ -89,7 +94,7 @@ pub fn raw_endpoint(trust: &[CertificateDer<'static>]) -> quinn::Endpoint {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     cc.transport_config(Arc::new(t));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut ep = quinn::Endpoint::client(bind).unwrap();
     ep.set_default_client_config(cc);
     ep
 }
