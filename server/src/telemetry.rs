@@ -188,6 +188,12 @@ pub struct Metrics {
     pub chat_messages: Counter,
     /// Joins refused.
     pub join_refusals: Counter,
+    /// Sessions resumed on a new connection.
+    pub resumes: Counter,
+    /// Of which restarted from a keyframe.
+    pub resume_keyframes: Counter,
+    /// Dropped players waiting in their grace window.
+    pub players_parked: Gauge,
     /// RTT of each connection, sampled once a second, seconds.
     pub rtt_seconds: Histogram,
     /// Packets QUIC declared lost.
@@ -241,6 +247,9 @@ impl Metrics {
             inputs_missing: counter!("quicktick_inputs_missing_total"),
             chat_messages: counter!("quicktick_chat_messages_total"),
             join_refusals: counter!("quicktick_join_refusals_total"),
+            resumes: counter!("quicktick_resumes_total", "baseline" => "delta"),
+            resume_keyframes: counter!("quicktick_resumes_total", "baseline" => "keyframe"),
+            players_parked: gauge!("quicktick_players_parked"),
             rtt_seconds: histogram!("quicktick_rtt_seconds"),
             packets_lost: counter!("quicktick_packets_lost_total"),
             packets_sent: counter!("quicktick_packets_sent_total"),

@@ -181,6 +181,8 @@ pub(crate) struct TickThread {
 /// Core counter values already reported to the metrics (the core counts; the shell adds deltas).
 #[derive(Debug, Default)]
 pub(crate) struct Marks {
+    resumes: u64,
+    resume_keyframes: u64,
     keyframes: u64,
     deltas: u64,
     chat: u64,
@@ -605,7 +607,14 @@ impl TickThread {
         m.inputs_late.increment(ic.late.saturating_sub(k.late));
         m.inputs_missing
             .increment(ic.missing.saturating_sub(k.missing));
+        let delta_resumes = c.resumes.saturating_sub(c.resume_keyframes);
+        m.resumes.increment(delta_resumes.saturating_sub(k.resumes));
+        m.resume_keyframes
+            .increment(c.resume_keyframes.saturating_sub(k.resume_keyframes));
+        m.players_parked.set(self.core.parked_count() as f64);
         *k = Marks {
+            resumes: delta_resumes,
+            resume_keyframes: c.resume_keyframes,
             keyframes: c.keyframes,
             deltas: c.deltas,
             chat: c.chat_lines,
