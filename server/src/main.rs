@@ -219,6 +219,12 @@ fn real_main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Fail before listening when tokens are required but there is no secret to check them with.
+    if cfg.effective_auth() == quicktick_server::config::AuthMode::Required {
+        cfg.load_secret()?.context(
+            "auth is required (set, or the default off loopback) but no auth_secret_file / --auth-secret-file is set",
+        )?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
