@@ -123,18 +123,53 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `state.stop` flips.
+/// Most admin HTTP connections at once; more are closed at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Time a client has to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `state.stop` flips: at most [`MAX_ADMIN_CONNECTIONS`] connections, each with
+/// [`HEADER_READ_TIMEOUT`] to send its request headers (a slow-header client cannot hold a
+/// connection open). Connections still open when the stop comes end with this thread's runtime.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let mut stop = state.stop.clone();
     let app = router(state);
-    let graceful = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(graceful)
-        .await
-    {
-        tracing::warn!("admin listener stopped: {e}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream); // over the connection cap: closed at once
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::trace!("admin connection ended: {e}");
+            }
+        });
     }
 }
 

@@ -261,6 +261,31 @@ async fn metrics_status_world_and_events_during_a_bot_run() {
     let again = get_with(admin, "/events", &[], Duration::from_millis(300)).await;
     assert_eq!(again.status, 200, "slots come back when subscribers leave");
 
+    // A client that never finishes its request headers is cut off.
+    let mut slow = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let t = std::time::Instant::now();
+    let ended = tokio::time::timeout(
+        quicktick_server::admin::HEADER_READ_TIMEOUT + Duration::from_secs(3),
+        async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut slow, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // e.g. a 408 response, then the close
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "slow-header connection still open after {:?}",
+        t.elapsed()
+    );
+
     // The dashboard page, every byte served by the server.
     let page = get(admin, "/").await;
     assert_eq!(page.status, 200);
