@@ -40,6 +40,9 @@ struct Args {
     /// Most connections from one IP address, 0 = no limit [default: 32]
     #[arg(long, value_name = "N")]
     max_connections_per_ip: Option<u32>,
+    /// Most half-open connections (before `hello`) from one IP address, 0 = no limit [default: 16]
+    #[arg(long, value_name = "N")]
+    max_pending_per_ip: Option<u32>,
     /// NPC entities in the world [default: 200]
     #[arg(long)]
     npcs: Option<usize>,
@@ -196,6 +199,9 @@ fn real_main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.max_connections_per_ip {
         cfg.max_connections_per_ip = n;
+    }
+    if let Some(n) = args.max_pending_per_ip {
+        cfg.max_pending_per_ip = n;
     }
     if let Some(d) = args.drain_secs {
         cfg.drain_secs = d;
