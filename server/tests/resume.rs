@@ -196,8 +196,22 @@ async fn chat_sent_just_before_a_drop_is_delivered_exactly_once() {
             "{seen:?}"
         );
         assert!(seen.contains(&ConnectionState::Resumed), "{seen:?}");
+        // Presence counts agree: the server and both clients see the same two players.
         assert_eq!(b.roster().len(), 2);
         assert_eq!(a.roster().len(), 2);
+        let s = server.server.stats().snapshot();
+        assert_eq!((s.players, s.players_parked), (2, 0));
+        let ids: Vec<u32> = server
+            .server
+            .published()
+            .roster
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(ids, a.roster().iter().map(|p| p.id).collect::<Vec<_>>());
+        assert_eq!(ids, b.roster().iter().map(|p| p.id).collect::<Vec<_>>());
         a.close().await;
         b.close().await;
         server.server.shutdown().await;
