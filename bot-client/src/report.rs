@@ -374,16 +374,14 @@ pub fn presence_mismatches(
     connected: &BTreeSet<String>,
     run_prefix: &str,
 ) -> u64 {
-    rosters
+    let ours: BTreeSet<String> = rosters
         .iter()
-        .filter(|roster| {
-            let ours: BTreeSet<&String> = roster
-                .iter()
-                .filter(|n| n.starts_with(run_prefix))
-                .collect();
-            ours.len() != connected.len() || !connected.iter().all(|n| ours.contains(n))
-        })
-        .count() as u64
+        .flatten()
+        .chain(connected)
+        .filter(|n| n.starts_with(run_prefix))
+        .cloned()
+        .collect();
+    presence_mismatches_among(rosters, connected, &ours)
 }
 
 /// How many of `rosters` (one per bot connected at the end: the player ids it sees) differ from
